@@ -1,0 +1,55 @@
+# `make test` and `make bench` set everything up themselves.
+# - A machine whose python3 already has torch (the lent GPU machine: no network) uses it as is.
+# - Otherwise a .venv is created (or reused) with the pinned CPU torch; never an unpinned torch.
+SHELL := /bin/bash
+TORCH_PIN  := torch==2.13.0
+TRITON_PIN := triton==3.8.0
+DEPS := numpy pytest pytest-benchmark ninja setuptools wheel matplotlib
+
+SYS_HAS_TORCH := $(shell python3 -c "import torch" >/dev/null 2>&1 && echo 1)
+ifeq ($(SYS_HAS_TORCH),1)
+PY := python3
+ENV_STAMP := .stamp-env-system
+else
+PY := $(CURDIR)/.venv/bin/python
+ENV_STAMP := .venv/.stamp-env
+endif
+
+SOURCES := setup.py $(shell find csrc -type f)
+PYTEST_ARGS ?=
+
+.PHONY: test bench env build cuda-check clean
+
+env: $(ENV_STAMP)
+
+.venv/.stamp-env:
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned, so nothing below can pull another one.
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q $(TRITON_PIN) $(DEPS) "$(TORCH_PIN)"
+	touch $@
+
+.stamp-env-system:
+	$(PY) -c "import torch, triton, numpy, pytest; print('using', torch.__version__, 'triton', triton.__version__)"
+	touch $@
+
+# The editable install builds the extension in place (pyext/_C*.so); rebuilt when csrc changes.
+.stamp-build: $(ENV_STAMP) $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps --no-index -e .
+	touch $@
+
+build: .stamp-build
+
+# Every .cu must compile for sm_80 and sm_90a with BuildExtension's defines, GPU or not.
+cuda-check: $(ENV_STAMP)
+	$(PY) tools/check_cuda.py
+
+test: build cuda-check
+	$(PY) -m pytest -q -ra tests $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+clean:
+	rm -rf build .stamp-* pyext/*.so *.egg-info

@@ -1,0 +1,10 @@
+"""kxops: fused PyTorch operators for the techniques of Su Jianlin's Scientific Spaces (kexue.fm)."""
+import torch  # noqa: F401  (the extension has no rpath to libtorch: torch must load first)
+
+from . import _C  # noqa: F401  (registers the kxops:: ops; a missing build is an ImportError, never a fallback)
+from . import reference
+from ._backends import backends
+from .rope import grid_positions, rope, rope_qk, text_image_positions
+
+__version__ = "0.1.0"
+__all__ = ["backends", "reference", "rope", "rope_qk", "grid_positions", "text_image_positions"]
