@@ -1,0 +1,172 @@
+"""What an operator family declares to the benchmark harness: its cases, its providers, the bytes (and
+optionally FLOPs) a call must move, and how its outputs are checked. One module per family
+(benchmarks/rope.py, ...) builds an `Op` and names it `OP`; the runner discovers it by that name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd_bwd")
+DEVICES = ("cpu", "cuda")
+KINDS = ("reference", "compile", "kxops", "anchor")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark point. `params` holds the shapes and flags the op module reads; `name` says them
+    (e.g. "qk-B8-S4096-Hq32-Hk8-D128"). `quick` cases form the --quick subset."""
+    name: str
+    device: str
+    dtype: torch.dtype
+    params: dict = field(default_factory=dict)
+    quick: bool = False
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def __getitem__(self, key):
+        return self.params[key]
+
+    def get(self, key, default=None):
+        return self.params.get(key, default)
+
+
+class Inputs(dict):
+    """The tensors of one case (a dict, also readable as attributes), built afresh for every provider so
+    that an in-place provider cannot disturb the next one. `grad` names the tensors that require grad
+    (the leaves the backward differentiates); `seed` is the case's RNG seed, for ops that draw noise."""
+
+    def __init__(self, tensors: dict, grad: Sequence[str] = (), seed: int = 0):
+        super().__init__(tensors)
+        self.grad = tuple(grad)
+        self.seed = seed
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def grad_leaves(self) -> list:
+        return [self[n] for n in self.grad]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """An implementation to time.
+
+    setup(case, inputs) does the untimed preparation (cos/sin caches the library expects precomputed,
+    torch.compile wrappers, free layout views) and returns the closure whose call is timed, or None
+    when the provider cannot express the case (it is then left out of that case).
+    available() returns None when the provider can run on this machine, else the reason it cannot.
+    devices: where it runs (Triton-only anchors: ("cuda",)).
+    kind: "reference" (eager spec), "compile" (torch.compile of it), "kxops" (ours: an error or a
+    failed check makes the run exit non-zero), "anchor" (a library users would pick instead)."""
+    name: str
+    setup: Callable[[Case, Inputs], Optional[Callable[[], Any]]]
+    devices: tuple = DEVICES
+    available: Callable[[], Optional[str]] = lambda: None
+    kind: str = "anchor"
+    note: str = ""
+
+
+def float_tensors(out) -> list:
+    """The floating-point tensors of a provider's result (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in float_tensors(o)]
+    return []
+
+
+def rel_rms_error(ref_out, out) -> float:
+    """max over outputs of ||out - ref|| / ||ref||, in float64 (flash-linear-attention's check); inf when
+    the outputs do not pair up or one is non-finite."""
+    refs, outs = float_tensors(ref_out), float_tensors(out)
+    if len(refs) != len(outs) or not refs:
+        return math.inf
+    err = 0.0
+    for r, o in zip(refs, outs):
+        if r.shape != o.shape:
+            return math.inf
+        r64, o64 = r.detach().double(), o.detach().double().to(r.device)
+        if not bool(torch.isfinite(o64).all()):
+            return math.inf
+        den = r64.norm().item() or 1.0
+        err = max(err, (o64 - r64).norm().item() / den)
+    return err
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """Relative RMS tolerance of the sanity check: loose enough for float32-vs-float64 angles and bf16
+    cos/sin caches, far below the O(1) error of a wrong pair layout or wrong positions."""
+    return {torch.float16: 2e-2, torch.bfloat16: 2e-2, torch.float32: 1e-3, torch.float64: 1e-9}.get(dtype, 2e-2)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A performance goal the run reports on (never fails it: timings on shared machines are noisy):
+    `provider` at least `min_speedup` times faster than the reference on `case` in each of `modes`."""
+    case: str
+    provider: str
+    min_speedup: float
+    modes: tuple = MODES
+
+
+@dataclass
+class Op:
+    """An operator family.
+
+    cases(device)           the benchmark cases on "cpu" or "cuda" (mark a few quick=True).
+    small_cases(device)     tiny versions for the pytest-benchmark suite (default: cases(device)).
+    make_inputs(case, seed) -> Inputs: fresh tensors; Inputs.grad names the leaves that require grad.
+    providers               Provider list, in table order; the first of kind "reference" is the one
+                            the others are checked against and `speedup_vs_ref` divides.
+    bytes_moved(case, mode) bytes a call must read + write at minimum: the GB/s numerator, the same for
+                            every provider.
+    flops(case, mode)       floating-point operations of a call, for the TFLOP/s column (matrix-bound
+                            families such as linear attention); None leaves the column empty.
+    record_memory           record each call's peak extra memory (CUDA: max_memory_allocated).
+    outputs(result)         the tensors of a result that are checked and take an output gradient;
+                            default every floating tensor. A family whose calls also return state
+                            (linear attention's final state) selects here.
+    check(ref, out, case)   an error number compared with tolerance(dtype); None disables the check
+                            (random outputs: seed them from inputs.seed instead where possible).
+    modes                   the modes the family supports (a forward-only family: ("fwd",)).
+    targets                 Target goals printed under the table (e.g. "kxops-cpu >= 3x the reference").
+    """
+    name: str
+    cases: Callable[[str], list]
+    make_inputs: Callable[[Case, int], Inputs]
+    providers: list
+    bytes_moved: Callable[[Case, str], int]
+    flops: Optional[Callable[[Case, str], float]] = None
+    record_memory: bool = True
+    outputs: Callable[[Any], list] = float_tensors
+    check: Optional[Callable[[Any, Any, Case], float]] = lambda ref, out, case: rel_rms_error(ref, out)
+    tolerance: Callable[[torch.dtype], float] = default_tolerance
+    modes: tuple = MODES
+    small_cases: Optional[Callable[[str], list]] = None
+    targets: list = field(default_factory=list)
+    description: str = ""
+
+    def provider(self, name: str) -> Provider:
+        for p in self.providers:
+            if p.name == name:
+                return p
+        raise KeyError(f"{self.name}: no provider {name!r}")
+
+    @property
+    def reference(self) -> Optional[Provider]:
+        return next((p for p in self.providers if p.kind == "reference"), None)
+
+    def with_cases(self, cases: Callable[[str], list]) -> "Op":
+        return dataclasses.replace(self, cases=cases)

@@ -1,0 +1,382 @@
+"""Runs the registered families: every case x provider x mode on a device, then prints a table, appends
+the rows to benchmarks/results/<device-slug>/<op>.csv and draws <op>.png beside it."""
+from __future__ import annotations
+
+import csv
+import importlib
+import math
+import os
+import pkgutil
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from . import timing
+from .core import Op
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Modules of this package that are not operator families.
+_INFRA = {"core", "timing", "runner", "plot", "conftest"}
+
+CSV_COLUMNS = [
+    "date", "device", "device_name", "num_threads", "torch", "triton", "python", "git_sha",
+    "op", "case", "provider", "kind", "mode", "dtype", "params",
+    "median_ms", "p20_ms", "p80_ms", "bytes", "gbps", "copy_gbps", "frac_copy_bw", "tflops",
+    "peak_mem_mib", "speedup_vs_best_other", "speedup_vs_ref", "check_err", "status", "seed", "quick",
+]
+
+
+def discover() -> dict:
+    """Every family module of this package (a module with a module-level `OP`), by op name."""
+    pkg = importlib.import_module(__package__)
+    ops = {}
+    for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if m.name in _INFRA or m.name.startswith(("_", "test_")):
+            continue
+        try:
+            mod = importlib.import_module(f"{__package__}.{m.name}")
+        except Exception as e:  # noqa: BLE001  (one broken family must not hide the others)
+            print(f"benchmarks: cannot import benchmarks.{m.name}: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        op = getattr(mod, "OP", None)
+        if isinstance(op, Op):
+            ops[op.name] = op
+    return ops
+
+
+class Progress:
+    """A small progress bar on stderr: redrawn in place on a terminal, one line per step otherwise."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled = max(total, 1), 0, enabled
+        self.tty = timing.stderr_isatty()
+        self.t0 = time.perf_counter()
+
+    def step(self, label: str, n: int = 1) -> None:
+        self.done = min(self.done + n, self.total)
+        if not self.enabled:
+            return
+        frac = self.done / self.total
+        elapsed = time.perf_counter() - self.t0
+        if self.tty:
+            bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+            line = f"\r[{bar}] {self.done}/{self.total} {elapsed:5.0f}s {label}"
+            sys.stderr.write(line[:160].ljust(160))
+        else:
+            sys.stderr.write(f"[{self.done:>4}/{self.total}] {elapsed:6.1f}s {label}\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\r" + " " * 160 + "\r")
+            sys.stderr.flush()
+
+
+@dataclass
+class Selection:
+    ops: Optional[list] = None        # op names; None = all
+    modes: tuple = ("fwd", "bwd", "fwd_bwd")
+    quick: bool = False
+    cases: Optional[list] = None      # substrings a case name must contain (any)
+    providers: Optional[list] = None  # provider names (exact) or substrings
+    seed: int = 0
+    check: bool = True
+
+
+@dataclass
+class Report:
+    rows: list = field(default_factory=list)
+    skipped: dict = field(default_factory=dict)   # (op, provider) -> reason
+    failures: list = field(default_factory=list)  # rows of kind "kxops" that errored or mismatched
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg}"[:200]
+
+
+def _match(name: str, wanted: Optional[list]) -> bool:
+    return not wanted or any(w == name or w in name for w in wanted)
+
+
+def select_cases(op: Op, device: str, sel: Selection) -> list:
+    cases = [c for c in op.cases(device) if c.device == device]
+    if sel.quick:
+        cases = [c for c in cases if c.quick] or cases[:1]
+    return [c for c in cases if _match(c.name, sel.cases)]
+
+
+def select_providers(op: Op, device: str, sel: Selection, report: Report) -> list:
+    usable = []
+    for p in op.providers:
+        if device not in p.devices or not _match(p.name, sel.providers):
+            continue
+        try:
+            reason = p.available()
+        except Exception as e:  # noqa: BLE001
+            reason = _short(e)
+        if reason:
+            report.skipped[(op.name, p.name)] = reason
+        else:
+            usable.append(p)
+    return usable
+
+
+def _usable(p, device) -> bool:
+    """The reference checks the others even when --provider leaves it out of the timing."""
+    if p is None or device not in p.devices:
+        return False
+    try:
+        return not p.available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _detach(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_detach(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _detach(v) for k, v in out.items()}
+    return out
+
+
+def run_op(op: Op, device: str, sel: Selection, budget: timing.Budget, env: dict, copy_gbps: float,
+           progress: Progress, report: Report) -> list:
+    cases = select_cases(op, device, sel)
+    providers = select_providers(op, device, sel, report)
+    modes = [m for m in op.modes if m in sel.modes]
+    ref_provider = op.reference
+    rows = []
+    for case in cases:
+        ref_out = None
+        if sel.check and op.check is not None and _usable(ref_provider, device):
+            try:
+                fn = ref_provider.setup(case, op.make_inputs(case, sel.seed))
+                ref_out = _detach(fn()) if fn is not None else None
+                del fn
+            except Exception as e:  # noqa: BLE001  (its own rows will carry the error)
+                print(f"benchmarks: {op.name} {case.name}: reference failed: {_short(e)}", file=sys.stderr)
+        case_rows = []
+        for p in providers:
+            base = dict(env, op=op.name, case=case.name, provider=p.name, kind=p.kind, dtype=case.dtype_name,
+                        params=_params(case), seed=sel.seed, quick=int(sel.quick), copy_gbps=copy_gbps)
+            progress.step(f"{op.name} {case.name} {p.name} setup", 0)
+            try:
+                inputs = op.make_inputs(case, sel.seed)
+                fn = p.setup(case, inputs)
+            except Exception as e:  # noqa: BLE001
+                case_rows += [dict(base, mode=m, status="error: " + _short(e)) for m in modes]
+                progress.step(f"{op.name} {case.name} {p.name} (setup error)", len(modes))
+                continue
+            if fn is None:  # the provider cannot express this case
+                progress.step(f"{op.name} {case.name} {p.name} (n/a)", len(modes))
+                continue
+            status, err = "ok", None
+            try:  # first call: warms up (compiles) and gives the output checked against the reference
+                out = fn()
+                timing.synchronize(device)
+                if ref_out is not None:
+                    err = op.check(ref_out, out, case)
+                    if err is not None and not err <= op.tolerance(case.dtype):
+                        status = "MISMATCH"
+                del out
+            except Exception as e:  # noqa: BLE001
+                case_rows += [dict(base, mode=m, status="error: " + _short(e)) for m in modes]
+                progress.step(f"{op.name} {case.name} {p.name} (error)", len(modes))
+                if os.environ.get("KXOPS_BENCH_TRACEBACK"):
+                    traceback.print_exc()
+                del fn, inputs
+                timing.release(device)
+                continue
+            for mode in modes:
+                progress.step(f"{op.name} {case.name} {p.name} {mode}")
+                row = dict(base, mode=mode, check_err=err, status=status)
+                step = None
+                try:
+                    step = timing.make_step(fn, inputs, mode, op.outputs, sel.seed)
+                    t = timing.time_fn(step, device, budget)
+                    nbytes = op.bytes_moved(case, mode)
+                    gbps = nbytes / (t.median_ms * 1e-3) / 1e9
+                    row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, bytes=nbytes, gbps=gbps,
+                               frac_copy_bw=gbps / copy_gbps if copy_gbps else None)
+                    if op.flops is not None:
+                        fl = op.flops(case, mode)
+                        row["tflops"] = fl / (t.median_ms * 1e-3) / 1e12 if fl else None
+                    if op.record_memory:
+                        row["peak_mem_mib"] = timing.peak_memory_mib(step, device)
+                except Exception as e:  # noqa: BLE001
+                    row["status"] = "error: " + _short(e)
+                    if os.environ.get("KXOPS_BENCH_TRACEBACK"):
+                        traceback.print_exc()
+                del step
+                case_rows.append(row)
+            del fn, inputs
+            timing.release(device)
+        _speedups(case_rows)
+        rows += case_rows
+        del ref_out
+        timing.release(device)
+    for r in rows:
+        if r["kind"] == "kxops" and r["status"] != "ok":
+            report.failures.append(r)
+    return rows
+
+
+def _params(case) -> str:
+    return " ".join(f"{k}={v}" for k, v in case.params.items() if not isinstance(v, (list, tuple)) or len(v) <= 16)
+
+
+def _speedups(rows: list) -> None:
+    """speedup_vs_best_other: the fastest OTHER provider's median / this median (> 1: this one wins);
+    speedup_vs_ref: the reference's median / this median. Only rows that ran and passed the check count."""
+    by_mode = {}
+    for r in rows:
+        if r.get("median_ms") and r["status"] == "ok":
+            by_mode.setdefault(r["mode"], []).append(r)
+    for group in by_mode.values():
+        ref = next((r["median_ms"] for r in group if r["kind"] == "reference"), None)
+        for r in group:
+            others = [o["median_ms"] for o in group if o is not r]
+            r["speedup_vs_best_other"] = min(others) / r["median_ms"] if others else None
+            r["speedup_vs_ref"] = ref / r["median_ms"] if ref else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Output: table, CSV, plot.
+
+def _f(v, fmt: str, none: str = "-") -> str:
+    if v is None or v == "" or (isinstance(v, float) and math.isnan(v)):
+        return none
+    return format(v, fmt)
+
+
+def format_table(op: Op, device: str, rows: list, env: dict, copy_gbps: float) -> str:
+    show_tf = op.flops is not None
+    show_mem = op.record_memory and device == "cuda"
+    lines = [f"== {op.name} on {device}: {env['device_name']} | copy bandwidth {copy_gbps:.1f} GB/s (read+write) "
+             f"| torch {env['torch']} triton {env['triton'] or '-'} | git {env['git_sha']}"]
+    head = f"  {'mode':<8}{'provider':<18}{'median ms':>11}{'p20-p80 ms':>19}{'GB/s':>9}{'%copy':>7}"
+    if show_tf:
+        head += f"{'TFLOP/s':>9}"
+    if show_mem:
+        head += f"{'peak MiB':>10}"
+    head += f"{'vs best other':>15}{'vs ref':>8}  check"
+    cases = []
+    for r in rows:
+        if r["case"] not in cases:
+            cases.append(r["case"])
+    for c in cases:
+        crow = [r for r in rows if r["case"] == c]
+        lines.append(f"{c} ({crow[0]['dtype']})")
+        lines.append(head)
+        for mode in op.modes:
+            mrows = [r for r in crow if r["mode"] == mode]
+            best = min((r["median_ms"] for r in mrows if r.get("median_ms") and r["status"] == "ok"), default=None)
+            for r in mrows:
+                if not r.get("median_ms"):
+                    lines.append(f"  {mode:<8}{r['provider']:<18}  {r['status']}")
+                    continue
+                star = "*" if r["median_ms"] == best else " "
+                q = f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}"
+                line = (f"  {mode:<8}{r['provider']:<18}{r['median_ms']:>10.4g}{star}{q:>19}"
+                        f"{_f(r.get('gbps'), '.1f'):>9}{_f(r.get('frac_copy_bw') and 100 * r['frac_copy_bw'], '.0f'):>6}%")
+                if show_tf:
+                    line += f"{_f(r.get('tflops'), '.2f'):>9}"
+                if show_mem:
+                    line += f"{_f(r.get('peak_mem_mib'), '.0f'):>10}"
+                sb, sr = r.get("speedup_vs_best_other"), r.get("speedup_vs_ref")
+                line += f"{_f(sb, '.2f') + ('x' if sb else ''):>15}{_f(sr, '.2f') + ('x' if sr else ''):>8}"
+                err = r.get("check_err")
+                line += "  " + (("ok " if r["status"] == "ok" else r["status"] + " ") + _f(err, ".1e")
+                                if err is not None else r["status"] if r["status"] != "ok" else "-")
+                lines.append(line)
+    return "\n".join(lines)
+
+
+def format_targets(op: Op, rows: list) -> list:
+    lines = []
+    for t in op.targets:
+        for r in rows:
+            if r["case"] != t.case or r["provider"] != t.provider or r["mode"] not in t.modes:
+                continue
+            s = r.get("speedup_vs_ref")
+            verdict = "n/a" if s is None else ("met" if s >= t.min_speedup else "MISSED")
+            lines.append(f"  target {t.provider} >= {t.min_speedup:g}x reference on {t.case} {r['mode']}: "
+                         f"{_f(s, '.2f')}x {verdict}")
+    return lines
+
+
+def write_csv(path: str, rows: list) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), None)
+        if header != CSV_COLUMNS:  # columns changed: keep the old file aside rather than mix layouts
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+            os.replace(path, path[:-4] + f".{stamp}.csv")
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: _csv_value(r.get(k)) for k in CSV_COLUMNS})
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.6g}"
+    return v
+
+
+def plot(path: str, op_name: str, rows: list, title: str, copy_gbps: Optional[float]) -> Optional[str]:
+    """Grouped horizontal bars of GB/s per case and provider, one panel per mode, the copy bandwidth as a
+    dashed line. Returns None on success, else why no plot was drawn."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # noqa: BLE001
+        return f"matplotlib not importable ({_short(e)}): no plot"
+    ok = [r for r in rows if r.get("gbps")]
+    if not ok:
+        return "no timed rows: no plot"
+    modes = [m for m in ("fwd", "bwd", "fwd_bwd") if any(r["mode"] == m for r in ok)]
+    cases = list(dict.fromkeys(r["case"] for r in ok))
+    providers = list(dict.fromkeys(r["provider"] for r in ok))
+    h = 0.8 / len(providers)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 1.0 + 0.35 * len(cases) * len(providers)),
+                             sharey=True, squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, mode in zip(axes[0], modes):
+        for j, p in enumerate(providers):
+            ys, xs = [], []
+            for i, c in enumerate(cases):
+                r = next((r for r in ok if r["case"] == c and r["provider"] == p and r["mode"] == mode), None)
+                if r is not None:
+                    ys.append(i + (j - (len(providers) - 1) / 2) * h)
+                    xs.append(float(r["gbps"]))
+            ax.barh(ys, xs, height=h, color=cmap(j % 10), label=p)
+        if copy_gbps:
+            ax.axvline(float(copy_gbps), color="k", ls="--", lw=1, label="copy bandwidth")
+        ax.set_title(mode)
+        ax.set_xlabel("GB/s (bytes that must move / median time)")
+        ax.set_yticks(range(len(cases)))
+        ax.set_yticklabels(cases, fontsize=8)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
