@@ -343,15 +343,19 @@ def test_empty_inputs(backend, device):
     assert kxops.rope(x, backend=backend).shape == x.shape
 
 
-def test_large_tensor_64bit_indexing():
-    # 2^31 + a bit elements: offsets past int32 must not wrap (in-place keeps memory at ~4 GiB)
+@pytest.mark.parametrize("backend,device", [(b, d) for b, d in BACKENDS if d == "cuda" or b == "cpu"],
+                         ids=[i for (b, d), i in zip(BACKENDS, BACKEND_IDS) if d == "cuda" or b == "cpu"])
+def test_large_tensor_64bit_indexing(backend, device):
+    # 2^31 + a bit elements: offsets past int32 must not wrap (in place keeps memory at ~4 GiB)
     H, D = 8, 64
     S = (2**31 // (H * D)) + 3
-    x = torch.empty(1, S, H, D, dtype=torch.bfloat16).fill_(1.0)
-    kxops.rope(x, inplace=True, backend="cpu")
+    x = torch.empty(1, S, H, D, dtype=torch.bfloat16, device=device).fill_(1.0)
+    kxops.rope(x, inplace=True, backend=backend)
     tail = torch.ones(1, 3, H, D, dtype=torch.bfloat16)
-    ref = kxops.rope(tail, torch.arange(S - 3, S)[None], backend="reference")
-    assert_close_to_ref(x[:, -3:], kxops.rope(tail.double(), torch.arange(S - 3, S)[None], backend="reference"), ref)
+    pos = torch.arange(S - 3, S)[None]  # the last three tokens, checked against the reference
+    ref64, ref_lp = _refs(kxops.rope, tail, positions=pos)
+    assert_close_to_ref(x[:, -3:].cpu(), ref64, ref_lp)
+    del x
 
 
 # ---------------------------------------------------------------------------------------------
