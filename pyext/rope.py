@@ -250,9 +250,10 @@ def _check_cu_seqlens(name, cu, total, x):
     _check_device(name, "cu_seqlens", cu, x)
     if torch.compiler.is_compiling():
         return cu.contiguous()  # the value checks below read the data: a host sync and a graph break
-    if bool(cu[0] != 0) or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"{name}: cu_seqlens must start at 0 and be non-decreasing, got {cu.tolist()}")
-    if int(cu[-1]) != total:
+    # one host sync for the three checks; the messages are worked out only on failure
+    if bool((cu[0] != 0) | (cu[-1] != total) | (cu[1:] < cu[:-1]).any()):
+        if bool(cu[0] != 0) or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"{name}: cu_seqlens must start at 0 and be non-decreasing, got {cu.tolist()}")
         raise ValueError(f"{name}: cu_seqlens must end at total_tokens={total}, got {int(cu[-1])}")
     return cu.contiguous()
 
