@@ -1,7 +1,6 @@
 """Shared test helpers: devices and backends to test, and the tolerance rule."""
 import torch
 
-import kxops
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETING = not HAS_CUDA  # conftest switches Triton's interpreter on without a GPU

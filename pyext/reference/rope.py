@@ -5,7 +5,6 @@ x: (batch, seq, heads, head_dim); positions: (batch or 1, seq, axes) int64.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch
