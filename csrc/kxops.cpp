@@ -1,24 +1,66 @@
-// Every kxops schema, in one place. Device kernels register their implementations in their own
-// files (csrc/cpu/*_cpu.cpp with CPU, csrc/cuda/*_cuda.cu with CUDA); a CPU-only build leaves
-// the .cu files out.
-#include <Python.h>
+// Every kxops schema, in one place, and the Python module `kxops._C`. Device kernels register their
+// implementations in their own files (csrc/cpu/*_cpu.cpp with CPU, csrc/cuda/*_cuda.cu with CUDA; a
+// CPU-only build leaves the .cu files out); the fronts (csrc/<family>.cpp) register the
+// CompositeImplicitAutograd front ops, the C++ autograd and their CPython entries; the Python package
+// registers the Triton ops, the reference ops' implementations and the fake implementations.
 #include <torch/library.h>
 
+#include <vector>
+
+#include "pyentry.h"
+
+namespace kxops::py {
+
+static std::vector<PyMethodDef>& table() {
+  static std::vector<PyMethodDef> t;
+  return t;
+}
+
+Entry::Entry(const char* name, PyObject* (*fn)(PyObject*, PyObject* const*, Py_ssize_t), const char* doc) {
+  table().push_back({name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fn)), METH_FASTCALL, doc});
+}
+
+PyMethodDef* methods() {
+  static std::vector<PyMethodDef> t = [] {
+    auto v = table();
+    v.push_back({nullptr, nullptr, 0, nullptr});
+    return v;
+  }();
+  return t.data();
+}
+
+}  // namespace kxops::py
+
 extern "C" {
-// `from . import _C` only needs a module object; the ops register when the .so loads.
+// `from . import _C`: the ops register when the .so loads; the module carries the fronts' entries.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kxops::py::methods()};
   return PyModule_Create(&def);
 }
 }
 
-#define KX_ROPE_ARGS                                                                        \
-  "Tensor? positions, Tensor? offsets, Tensor? cu_seqlens, Tensor inv_freq, Tensor? axis, " \
+// RoPE (docs/rope_kernel_contract.md). Kernel ops: implemented by the CPU and CUDA kernels, autograd
+// in C++ (csrc/rope.cpp); the Triton backend registers the same four as kxops::rope*_triton.
+#define KX_ROPE_ARGS                                                                                    \
+  "Tensor? positions, Tensor? offsets, int offset, Tensor? cu_seqlens, Tensor inv_freq, Tensor? axis, " \
   "int rotary_dim, bool interleaved, bool conjugate"
+// The public function's arguments (kxops.rope), normalised only in type: offsets split into a tensor
+// and an int (None: not given).
+#define KX_ROPE_FRONT_ARGS                                                                            \
+  "Tensor? positions, float base, Tensor? inv_freq, int? rotary_dim, bool interleaved, "             \
+  "str axis_layout, int[]? sections, Tensor? offsets, int? offset, Tensor? cu_seqlens, str backend"
 
 TORCH_LIBRARY(kxops, m) {
   m.def("rope(Tensor x, " KX_ROPE_ARGS ") -> Tensor");
   m.def("rope_(Tensor(a!) x, " KX_ROPE_ARGS ") -> ()");
   m.def("rope_qk(Tensor q, Tensor k, " KX_ROPE_ARGS ") -> (Tensor, Tensor)");
   m.def("rope_qk_(Tensor(a!) q, Tensor(b!) k, " KX_ROPE_ARGS ") -> ()");
+  // the reference (pyext/reference/rope.py) on the same normalised arguments: backend="reference"
+  m.def("rope_reference(Tensor x, " KX_ROPE_ARGS ") -> Tensor");
+  m.def("rope_qk_reference(Tensor q, Tensor k, " KX_ROPE_ARGS ") -> (Tensor, Tensor)");
+  // fronts: checks, normalisation and backend choice (CompositeImplicitAutograd, csrc/rope.cpp)
+  m.def("rope_front(Tensor x, " KX_ROPE_FRONT_ARGS ") -> Tensor");
+  m.def("rope_front_(Tensor(a!) x, " KX_ROPE_FRONT_ARGS ") -> ()");
+  m.def("rope_qk_front(Tensor q, Tensor k, " KX_ROPE_FRONT_ARGS ") -> (Tensor, Tensor)");
+  m.def("rope_qk_front_(Tensor(a!) q, Tensor(b!) k, " KX_ROPE_FRONT_ARGS ") -> ()");
 }

@@ -18,6 +18,7 @@ struct RopePositions {
   const int64_t* pos = nullptr;   // (Bp, S, A) or null
   int64_t pos_sb = 0, pos_ss = 0, pos_sa = 0;  // strides; pos_sb == 0 when Bp == 1
   const int64_t* offsets = nullptr;            // (B,) or (nseq,) or null
+  int64_t offset = 0;                          // added to every default position (int offsets)
   const int32_t* cu_seqlens = nullptr;         // (nseq + 1,) or null
   int64_t nseq = 0;
 
@@ -31,16 +32,16 @@ struct RopePositions {
         int64_t mid = (lo + hi + 1) >> 1;
         if (cu_seqlens[mid] <= s) lo = mid; else hi = mid - 1;
       }
-      return s - cu_seqlens[lo] + (offsets ? offsets[lo] : 0);
+      return s - cu_seqlens[lo] + offset + (offsets ? offsets[lo] : 0);
     }
-    return s + (offsets ? offsets[b] : 0);
+    return s + offset + (offsets ? offsets[b] : 0);
   }
 };
 
 // Checks what the Python layer normalised; a direct torch.ops.kxops call gets the same errors.
 inline RopePositions check_rope_args(const char* op, const at::Tensor& x, const at::Tensor* k,
                                      const std::optional<at::Tensor>& positions,
-                                     const std::optional<at::Tensor>& offsets,
+                                     const std::optional<at::Tensor>& offsets, int64_t offset,
                                      const std::optional<at::Tensor>& cu_seqlens,
                                      const at::Tensor& inv_freq,
                                      const std::optional<at::Tensor>& axis, int64_t rotary_dim) {
@@ -69,7 +70,7 @@ inline RopePositions check_rope_args(const char* op, const at::Tensor& x, const 
                 ": positions must be (1 or batch, seq, axes), got ", t.sizes());
     TORCH_CHECK(t.scalar_type() == at::kLong && t.device() == x.device(), op,
                 ": positions must be int64 on x's device");
-    TORCH_CHECK(!offsets && !cu_seqlens, op, ": positions exclude offsets and cu_seqlens");
+    TORCH_CHECK(!offsets && offset == 0 && !cu_seqlens, op, ": positions exclude offsets and cu_seqlens");
     A = t.size(2);
     p.pos = t.data_ptr<int64_t>();
     p.pos_sb = t.size(0) == 1 ? 0 : t.stride(0);
@@ -91,6 +92,7 @@ inline RopePositions check_rope_args(const char* op, const at::Tensor& x, const 
                     t.device() == x.device(), op, ": offsets must be a contiguous int64 (", n, ",) vector on x's device");
     p.offsets = t.data_ptr<int64_t>();
   }
+  p.offset = offset;
   if (axis) {
     const auto& t = *axis;
     TORCH_CHECK(t.dim() == 1 && t.size(0) == rotary_dim / 2 && t.scalar_type() == at::kInt && t.is_contiguous() &&

@@ -3,7 +3,7 @@ import torch  # noqa: F401  (the extension has no rpath to libtorch: torch must 
 
 from . import _C  # noqa: F401  (registers the kxops:: ops; a missing build is an ImportError, never a fallback)
 from . import reference
-from ._backends import backends
+from ._dispatch import backends
 from .rope import grid_positions, rope, rope_qk, text_image_positions
 
 __version__ = "0.1.0"

@@ -41,6 +41,11 @@ def _case(name, dtype, dev):
         return r(2, 7, 3, 32)[..., ::2], {}
     if name == "offsets":
         return r(3, 6, 2, 16), dict(offsets=torch.tensor([0, 7, 4000], device=dev))
+    if name == "int-offset":  # decoding: the KV-cache length as a Python int (no tensor is made)
+        return r(3, 2, 2, 16), dict(offsets=4093)
+    if name == "varlen-int-offset-interleaved":
+        x, cu = _packed([3, 0, 5], 2, 16, dtype, dev)
+        return x, dict(cu_seqlens=cu, offsets=17, interleaved=True)
     if name == "pos-B1-broadcast":
         return r(3, 6, 2, 16), dict(positions=_pos(1, 6, device=dev))
     if name == "2d-halves":
@@ -69,11 +74,11 @@ def _case(name, dtype, dev):
 
 CASES = ["B2-S16-H3-D8-half", "B2-S16-H3-D8-interleaved", "B1-S1-H2-D16", "B1-S423-H7-D16-pos",
          "B2-S9-H2-D92-R64-interleaved", "B2-S9-H2-D92-R64-half", "B2-S5-H3-D2", "heads-slice", "BHSD-transposed",
-         "dim-stride-2", "offsets", "pos-B1-broadcast", "2d-halves", "2d-alternating-interleaved",
+         "dim-stride-2", "offsets", "int-offset", "varlen-int-offset-interleaved", "pos-B1-broadcast", "2d-halves", "2d-alternating-interleaved",
          "3d-sections-mrope", "3d-halves-R20", "varlen", "varlen-offsets-interleaved", "varlen-2d-positions",
          "inv-freq-base500"]
 GRAD_CASES = ["B2-S16-H3-D8-half", "B2-S9-H2-D92-R64-interleaved", "heads-slice", "2d-alternating-interleaved",
-              "varlen-offsets-interleaved"]
+              "varlen-offsets-interleaved", "int-offset"]
 
 
 def _refs(fn, *xs, **kw):
@@ -210,10 +215,11 @@ def _opcheck_args(device, dtype=torch.float32):
     cu = torch.tensor([0, 2, 6], dtype=torch.int32, device=device)
     tail = (inv_freq.float(), axis, 12, True, False)
     return [
-        ((x, pos, None, None, *tail), "pos-2d"),
-        ((x[:1].detach(), None, torch.tensor([5, 1], device=device), cu, inv_freq.float(), None, 12, False, True),
+        ((x, pos, None, 0, None, *tail), "pos-2d"),
+        ((x[:1].detach(), None, torch.tensor([5, 1], device=device), 3, cu, inv_freq.float(), None, 12, False, True),
          "varlen-offsets-conj"),
-        ((x, k, pos, None, None, *tail), "qk"),
+        ((x, None, None, 7, None, inv_freq.float(), None, 12, False, False), "int-offset"),
+        ((x, k, pos, None, 0, None, *tail), "qk"),
     ]
 
 
@@ -423,6 +429,103 @@ def test_direct_op_call_is_checked_in_cpp():
     # torch.ops.kxops.* called directly (bypassing kxops.rope) still gets a TORCH_CHECK, not a crash
     x = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="rotary_dim must be even"):
-        torch.ops.kxops.rope(x, None, None, None, torch.ones(2), None, 5, False, False)
+        torch.ops.kxops.rope(x, None, None, 0, None, torch.ones(2), None, 5, False, False)
     with pytest.raises(RuntimeError, match="inv_freq must be"):
-        torch.ops.kxops.rope(x, None, None, None, torch.ones(3), None, 8, False, False)
+        torch.ops.kxops.rope(x, None, None, 0, None, torch.ones(3), None, 8, False, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing for a GPU without one: Dynamo (torch.export, strict = fullgraph) over fake CUDA tensors runs
+# the same Python and backend choice as torch.compile on a GPU, so a call it cannot trace fails here.
+
+@pytest.fixture
+def cuda_kernels_registered():
+    """On a CPU-only build, stand-in CUDA kernels for the C++ ops, so that the backend choice sees what a
+    CUDA build has (fake tensors never run them)."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("kxops::rope", "CUDA"):
+        yield
+        return
+
+    def never_called(*args):
+        raise AssertionError("a stand-in CUDA kernel ran")
+
+    lib = torch.library.Library("kxops", "IMPL")
+    for name in ("rope", "rope_", "rope_qk", "rope_qk_"):
+        lib.impl(name, never_called, "CUDA")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
+def _called_ops(graph) -> set:
+    """Targets of a graph's calls; a functionalised in-place op counts as the op it wraps."""
+    out = set()
+    for n in graph.nodes:
+        if n.op == "call_function":
+            out.add(str(n.target))
+            if "auto_functionalized" in str(n.target):
+                out.add(str(n.args[0]))
+    return out
+
+
+class _RopeQk(torch.nn.Module):
+    def __init__(self, backend, inplace, **kw):
+        super().__init__()
+        self.backend, self.inplace, self.kw = backend, inplace, kw
+
+    def forward(self, q, k, offsets):
+        q, k = kxops.rope_qk(q, k, offsets=offsets, inplace=self.inplace, backend=self.backend, **self.kw)
+        return q * 2, k
+
+
+# (the reference backend on fake CUDA tensors needs a CUDA build of torch: Python indexing takes a device
+# guard; it is exported on CPU tensors below)
+EXPORT_BACKENDS = ["auto", "cuda"] + ([] if INTERPRETING else ["triton"])
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["functional", "inplace"])
+@pytest.mark.parametrize("backend", EXPORT_BACKENDS)
+def test_export_fullgraph_on_cuda_tensors(cuda_kernels_registered, backend, inplace):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 9, 4, 32, dtype=torch.bfloat16, device="cuda")
+        k = torch.empty(2, 9, 2, 32, dtype=torch.bfloat16, device="cuda")
+        off = torch.zeros(2, dtype=torch.long, device="cuda")
+    ep = torch.export.export(_RopeQk(backend, inplace, interleaved=True), (q, k, off), strict=True)
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("rope_qk_front" in t for t in targets), targets  # one op for the whole public call
+    ep = ep.run_decompositions()  # the front runs here, on fake CUDA tensors: the backend it chose shows
+    targets = _called_ops(ep.graph)
+    kernel = {"auto": "kxops.rope_qk", "cuda": "kxops.rope_qk", "triton": "triton_kernel_wrapper",
+              "reference": "aten.cos"}[backend]
+    if inplace and backend in ("auto", "cuda"):
+        kernel = "kxops.rope_qk_"
+    assert any(t.startswith(kernel) for t in targets), targets
+    assert not any("front" in t for t in targets), targets  # the front op is decomposed into its backend's op
+
+
+def test_export_int_offset_and_packed_on_cuda_tensors(cuda_kernels_registered):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Packed(torch.nn.Module):
+        def forward(self, x, cu):
+            return kxops.rope(x, cu_seqlens=cu, offsets=5, axis_layout="alternating")
+
+    with FakeTensorMode():
+        x = torch.empty(12, 3, 16, device="cuda")
+        cu = torch.zeros(4, dtype=torch.int32, device="cuda")
+    ep = torch.export.export(Packed(), (x, cu), strict=True).run_decompositions()
+    assert any(str(n.target).startswith("kxops.rope.") for n in ep.graph.nodes), ep.graph
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+def test_export_fullgraph_on_cpu_tensors(backend):
+    q, k, off = torch.randn(2, 9, 4, 32), torch.randn(2, 9, 2, 32), torch.tensor([3, 0])
+    mod = _RopeQk(backend, False, positions=None)
+    ep = torch.export.export(mod, (q, k, off), strict=True).run_decompositions()
+    targets = _called_ops(ep.graph)
+    assert any(t.startswith("aten.cos" if backend == "reference" else "kxops.rope_qk") for t in targets), targets
+    for a, b in zip(ep.module()(q, k, off), mod(q, k, off)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

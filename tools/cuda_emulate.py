@@ -79,10 +79,10 @@ void emulate(dim3 grid, dim3 block, size_t smem_bytes, Params<T> p) {
 
 REGISTER = r'''
 TORCH_LIBRARY(kxops_emu, m) {
-  m.def("rope(Tensor x, Tensor? positions, Tensor? offsets, Tensor? cu_seqlens, Tensor inv_freq, Tensor? axis, int rotary_dim, bool interleaved, bool conjugate) -> Tensor");
-  m.def("rope_(Tensor(a!) x, Tensor? positions, Tensor? offsets, Tensor? cu_seqlens, Tensor inv_freq, Tensor? axis, int rotary_dim, bool interleaved, bool conjugate) -> ()");
-  m.def("rope_qk(Tensor q, Tensor k, Tensor? positions, Tensor? offsets, Tensor? cu_seqlens, Tensor inv_freq, Tensor? axis, int rotary_dim, bool interleaved, bool conjugate) -> (Tensor, Tensor)");
-  m.def("rope_qk_(Tensor(a!) q, Tensor(b!) k, Tensor? positions, Tensor? offsets, Tensor? cu_seqlens, Tensor inv_freq, Tensor? axis, int rotary_dim, bool interleaved, bool conjugate) -> ()");
+  m.def("rope(Tensor x, Tensor? positions, Tensor? offsets, int offset, Tensor? cu_seqlens, Tensor inv_freq, Tensor? axis, int rotary_dim, bool interleaved, bool conjugate) -> Tensor");
+  m.def("rope_(Tensor(a!) x, Tensor? positions, Tensor? offsets, int offset, Tensor? cu_seqlens, Tensor inv_freq, Tensor? axis, int rotary_dim, bool interleaved, bool conjugate) -> ()");
+  m.def("rope_qk(Tensor q, Tensor k, Tensor? positions, Tensor? offsets, int offset, Tensor? cu_seqlens, Tensor inv_freq, Tensor? axis, int rotary_dim, bool interleaved, bool conjugate) -> (Tensor, Tensor)");
+  m.def("rope_qk_(Tensor(a!) q, Tensor(b!) k, Tensor? positions, Tensor? offsets, int offset, Tensor? cu_seqlens, Tensor inv_freq, Tensor? axis, int rotary_dim, bool interleaved, bool conjugate) -> ()");
 }
 TORCH_LIBRARY_IMPL(kxops_emu, CPU, m) {
   m.impl("rope", &kxops::rope_cuda);

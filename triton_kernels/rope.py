@@ -124,6 +124,7 @@ def rope_kernel(
     nheads,
     nheads_k,
     nseq,
+    offset,  # int added to every default position (int offsets)
     stride_out_batch,
     stride_out_seqlen,
     stride_out_head,
@@ -212,11 +213,11 @@ def rope_kernel(
                 hi = tl.where(active & (v > tok), mid, hi)
             seq = tl.maximum(lo - 1, 0)
             start = tl.load(CU_SEQLENS + seq, mask=mask_t, other=0)
-            pos = offs_t - start.to(tl.int64)
+            pos = offs_t - start.to(tl.int64) + offset
             if HAS_OFFSETS:
                 pos += tl.load(OFFSETS + seq, mask=mask_t, other=0)
         else:
-            pos = offs_t
+            pos = offs_t + offset
             if HAS_OFFSETS:
                 pos += tl.load(OFFSETS + pid_b)
         pos_f = pos.to(tl.float32)[:, None]
@@ -338,6 +339,7 @@ def rope_launch(
     k_out,
     positions,
     offsets,
+    offset: int,
     cu_seqlens,
     inv_freq,
     axis,
@@ -349,6 +351,7 @@ def rope_launch(
 
     x, out: (B, S, H, D), any strides (out may be x: in place). k, k_out: None or (B, S, Hk, D).
     positions: None or int64 (Bp, S, A), Bp in {1, B}. offsets: None or int64 (B,) / (nseq,).
+    offset: int added to every default position (0 when positions are given).
     cu_seqlens: None or int32 (nseq + 1,) (B == 1). inv_freq: fp32 (R/2,). axis: None or int32.
     """
     _check_tensor("x", x)
@@ -438,6 +441,7 @@ def rope_launch(
         H,
         Hk,
         nseq,
+        int(offset) if not has_pos else 0,
         *out.stride(),
         *x.stride(),
         *k_out_arg.stride(),

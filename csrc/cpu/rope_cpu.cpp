@@ -327,10 +327,10 @@ void check_index_contents(const char* op, const RopePositions& p, const std::opt
 // Rotates x (and k) into out_x (and out_k); out may be the input itself (in place).
 void rope_launch(const char* name, const at::Tensor& x, const at::Tensor& out_x, const at::Tensor* k,
                  const at::Tensor* out_k, const std::optional<at::Tensor>& positions,
-                 const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& cu_seqlens,
+                 const std::optional<at::Tensor>& offsets, int64_t offset, const std::optional<at::Tensor>& cu_seqlens,
                  const at::Tensor& inv_freq, const std::optional<at::Tensor>& axis, int64_t rotary_dim,
                  bool interleaved, bool conjugate) {
-  const RopePositions pos = check_rope_args(name, x, k, positions, offsets, cu_seqlens, inv_freq, axis, rotary_dim);
+  const RopePositions pos = check_rope_args(name, x, k, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim);
   const int64_t B = x.size(0), S = x.size(1), D = x.size(3);
   const int64_t A_axes = positions ? positions->size(2) : 1;
   check_index_contents(name, pos, axis, S, A_axes);
@@ -384,44 +384,44 @@ at::Tensor new_output(const at::Tensor& like) {
 }
 
 at::Tensor rope(const at::Tensor& x, const std::optional<at::Tensor>& positions,
-                const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& cu_seqlens,
+                const std::optional<at::Tensor>& offsets, int64_t offset, const std::optional<at::Tensor>& cu_seqlens,
                 const at::Tensor& inv_freq, const std::optional<at::Tensor>& axis, int64_t rotary_dim,
                 bool interleaved, bool conjugate) {
   at::Tensor out = new_output(x);
-  rope_launch("kxops.rope", x, out, nullptr, nullptr, positions, offsets, cu_seqlens, inv_freq, axis,
+  rope_launch("kxops.rope", x, out, nullptr, nullptr, positions, offsets, offset, cu_seqlens, inv_freq, axis,
               rotary_dim, interleaved, conjugate);
   return out;
 }
 
 void rope_(const at::Tensor& x, const std::optional<at::Tensor>& positions,
-           const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& cu_seqlens,
+           const std::optional<at::Tensor>& offsets, int64_t offset, const std::optional<at::Tensor>& cu_seqlens,
            const at::Tensor& inv_freq, const std::optional<at::Tensor>& axis, int64_t rotary_dim,
            bool interleaved, bool conjugate) {
   at::assert_no_internal_overlap(x);  // e.g. an expanded tensor: its elements would be rotated twice
-  rope_launch("kxops.rope_", x, x, nullptr, nullptr, positions, offsets, cu_seqlens, inv_freq, axis,
+  rope_launch("kxops.rope_", x, x, nullptr, nullptr, positions, offsets, offset, cu_seqlens, inv_freq, axis,
               rotary_dim, interleaved, conjugate);
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& q, const at::Tensor& k,
                                            const std::optional<at::Tensor>& positions,
-                                           const std::optional<at::Tensor>& offsets,
+                                           const std::optional<at::Tensor>& offsets, int64_t offset,
                                            const std::optional<at::Tensor>& cu_seqlens,
                                            const at::Tensor& inv_freq, const std::optional<at::Tensor>& axis,
                                            int64_t rotary_dim, bool interleaved, bool conjugate) {
   at::Tensor out_q = new_output(q);
   at::Tensor out_k = new_output(k);
-  rope_launch("kxops.rope_qk", q, out_q, &k, &out_k, positions, offsets, cu_seqlens, inv_freq, axis,
+  rope_launch("kxops.rope_qk", q, out_q, &k, &out_k, positions, offsets, offset, cu_seqlens, inv_freq, axis,
               rotary_dim, interleaved, conjugate);
   return {out_q, out_k};
 }
 
 void rope_qk_(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& positions,
-              const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& cu_seqlens,
+              const std::optional<at::Tensor>& offsets, int64_t offset, const std::optional<at::Tensor>& cu_seqlens,
               const at::Tensor& inv_freq, const std::optional<at::Tensor>& axis, int64_t rotary_dim,
               bool interleaved, bool conjugate) {
   at::assert_no_internal_overlap(q);
   at::assert_no_internal_overlap(k);
-  rope_launch("kxops.rope_qk_", q, q, &k, &k, positions, offsets, cu_seqlens, inv_freq, axis, rotary_dim,
+  rope_launch("kxops.rope_qk_", q, q, &k, &k, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim,
               interleaved, conjugate);
 }
 

@@ -430,18 +430,18 @@ void dispatch(const char* op, const at::Tensor& q, const at::Tensor& q_out, cons
 
 RopePositions check(const char* op, const at::Tensor& x, const at::Tensor* k,
                     const std::optional<at::Tensor>& positions, const std::optional<at::Tensor>& offsets,
-                    const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& inv_freq,
+                    int64_t offset, const std::optional<at::Tensor>& cu_seqlens, const at::Tensor& inv_freq,
                     const std::optional<at::Tensor>& axis, int64_t rotary_dim) {
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
   TORCH_CHECK(x.scalar_type() != at::kDouble, op, ": float64 is supported on CPU only");
-  return check_rope_args(op, x, k, positions, offsets, cu_seqlens, inv_freq, axis, rotary_dim);
+  return check_rope_args(op, x, k, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim);
 }
 
 at::Tensor rope_cuda(const at::Tensor& x, const std::optional<at::Tensor>& positions,
-                     const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& cu_seqlens,
+                     const std::optional<at::Tensor>& offsets, int64_t offset, const std::optional<at::Tensor>& cu_seqlens,
                      const at::Tensor& inv_freq, const std::optional<at::Tensor>& axis, int64_t rotary_dim,
                      bool interleaved, bool conjugate) {
-  const auto pos = check("rope", x, nullptr, positions, offsets, cu_seqlens, inv_freq, axis, rotary_dim);
+  const auto pos = check("rope", x, nullptr, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim);
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = at::empty(x.sizes(), x.options());
   dispatch("rope", x, out, nullptr, nullptr, pos, inv_freq, axis, rotary_dim, interleaved, conjugate, true);
@@ -449,10 +449,10 @@ at::Tensor rope_cuda(const at::Tensor& x, const std::optional<at::Tensor>& posit
 }
 
 void rope_inplace_cuda(const at::Tensor& x, const std::optional<at::Tensor>& positions,
-                       const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& cu_seqlens,
+                       const std::optional<at::Tensor>& offsets, int64_t offset, const std::optional<at::Tensor>& cu_seqlens,
                        const at::Tensor& inv_freq, const std::optional<at::Tensor>& axis, int64_t rotary_dim,
                        bool interleaved, bool conjugate) {
-  const auto pos = check("rope_", x, nullptr, positions, offsets, cu_seqlens, inv_freq, axis, rotary_dim);
+  const auto pos = check("rope_", x, nullptr, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim);
   const c10::cuda::CUDAGuard guard(x.device());
   at::assert_no_internal_overlap(x);  // threads would race on shared memory locations
   dispatch("rope_", x, x, nullptr, nullptr, pos, inv_freq, axis, rotary_dim, interleaved, conjugate, false);
@@ -460,11 +460,11 @@ void rope_inplace_cuda(const at::Tensor& x, const std::optional<at::Tensor>& pos
 
 std::tuple<at::Tensor, at::Tensor> rope_qk_cuda(const at::Tensor& q, const at::Tensor& k,
                                                 const std::optional<at::Tensor>& positions,
-                                                const std::optional<at::Tensor>& offsets,
+                                                const std::optional<at::Tensor>& offsets, int64_t offset,
                                                 const std::optional<at::Tensor>& cu_seqlens,
                                                 const at::Tensor& inv_freq, const std::optional<at::Tensor>& axis,
                                                 int64_t rotary_dim, bool interleaved, bool conjugate) {
-  const auto pos = check("rope_qk", q, &k, positions, offsets, cu_seqlens, inv_freq, axis, rotary_dim);
+  const auto pos = check("rope_qk", q, &k, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim);
   const c10::cuda::CUDAGuard guard(q.device());
   auto q_out = at::empty(q.sizes(), q.options());
   auto k_out = at::empty(k.sizes(), k.options());
@@ -473,10 +473,10 @@ std::tuple<at::Tensor, at::Tensor> rope_qk_cuda(const at::Tensor& q, const at::T
 }
 
 void rope_qk_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& positions,
-                          const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& cu_seqlens,
+                          const std::optional<at::Tensor>& offsets, int64_t offset, const std::optional<at::Tensor>& cu_seqlens,
                           const at::Tensor& inv_freq, const std::optional<at::Tensor>& axis, int64_t rotary_dim,
                           bool interleaved, bool conjugate) {
-  const auto pos = check("rope_qk_", q, &k, positions, offsets, cu_seqlens, inv_freq, axis, rotary_dim);
+  const auto pos = check("rope_qk_", q, &k, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim);
   const c10::cuda::CUDAGuard guard(q.device());
   at::assert_no_internal_overlap(q);
   at::assert_no_internal_overlap(k);

@@ -57,19 +57,22 @@ def schedule_lists(rotary_dim: int, base: float, num_axes: int, axis_layout: str
     return [base ** (-2.0 * j / (2 * n)) for n in secs for j in range(n)], axis
 
 
-def token_positions(batch: int, seq: int, positions=None, offsets=None, cu_seqlens=None) -> torch.Tensor:
+def token_positions(batch: int, seq: int, positions=None, offsets=None, cu_seqlens=None, offset: int = 0,
+                    device=None) -> torch.Tensor:
     """Every token's position as an int64 (batch or 1, seq, axes) tensor (the contract's position rule)."""
     if positions is not None:
         return positions.long()
-    device = offsets.device if offsets is not None else (cu_seqlens.device if cu_seqlens is not None else None)
+    if device is None:
+        device = offsets.device if offsets is not None else (cu_seqlens.device if cu_seqlens is not None else None)
     s = torch.arange(seq, device=device)
     if cu_seqlens is not None:
         cu = cu_seqlens.long()
         seq_id = torch.searchsorted(cu, s, right=True) - 1   # empty sequences are skipped
-        pos = s - cu[seq_id]
+        pos = s - cu[seq_id] + offset
         if offsets is not None:
             pos = pos + offsets.long()[seq_id]
         return pos.view(1, seq, 1)
+    s = s + offset
     if offsets is not None:
         return (s[None, :] + offsets.long()[:, None])[..., None]
     return s.view(1, seq, 1)
@@ -102,12 +105,58 @@ def rope_rotate(x: torch.Tensor, ang: torch.Tensor, rotary_dim: int, interleaved
 
 def rope_ref(x: torch.Tensor, positions=None, offsets=None, cu_seqlens=None, *, inv_freq: torch.Tensor,
              axis: Optional[torch.Tensor] = None, rotary_dim: Optional[int] = None, interleaved: bool = False,
-             conjugate: bool = False) -> torch.Tensor:
+             conjugate: bool = False, offset: int = 0) -> torch.Tensor:
     """The reference on normalised arguments (x 4-D; see docs/rope_kernel_contract.md). Angles are computed
     in inv_freq's dtype: pass a float64 table and float64 x for the float64 ground truth."""
     rotary_dim = x.shape[-1] if rotary_dim is None else rotary_dim
-    pos = token_positions(x.shape[0], x.shape[1], positions, offsets, cu_seqlens).to(x.device)
+    pos = token_positions(x.shape[0], x.shape[1], positions, offsets, cu_seqlens, offset, x.device).to(x.device)
     return rope_rotate(x, rope_angles(pos, inv_freq.to(x.device), axis), rotary_dim, interleaved, conjugate)
+
+
+def rope(x: torch.Tensor, positions=None, *, base: float = 10000.0, inv_freq=None, rotary_dim=None,
+         interleaved: bool = False, axis_layout: str = "halves", sections=None, offsets=None, cu_seqlens=None,
+         inplace: bool = False) -> torch.Tensor:
+    """kxops.rope's arguments, computed by the specification: eager PyTorch, differentiable, no argument
+    checks (kxops.rope makes them)."""
+    return _rope_api(x, None, positions, base, inv_freq, rotary_dim, interleaved, axis_layout, sections, offsets,
+                     cu_seqlens, inplace)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, positions=None, **kw):
+    """rope() of q and k; returns (q_out, k_out)."""
+    return _rope_api(q, k, positions, kw.pop("base", 10000.0), kw.pop("inv_freq", None), kw.pop("rotary_dim", None),
+                     kw.pop("interleaved", False), kw.pop("axis_layout", "halves"), kw.pop("sections", None),
+                     kw.pop("offsets", None), kw.pop("cu_seqlens", None), kw.pop("inplace", False), **kw)
+
+
+def _rope_api(q, k, positions, base, inv_freq, rotary_dim, interleaved, axis_layout, sections, offsets, cu_seqlens,
+              inplace):
+    packed = cu_seqlens is not None
+    R = rotary_dim if rotary_dim is not None else (q.shape[-1] if inv_freq is None else 2 * inv_freq.shape[0])
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    offset = 0
+    if isinstance(offsets, int):
+        offset, offsets = offsets, None
+    pos = None
+    if positions is not None:  # to (batch or 1, seq, axes); packed: (1, total_tokens, axes)
+        p = positions
+        if packed:
+            p = p[None, :, None] if p.dim() == 1 else p[None]
+        else:
+            p = p[None, :, None] if p.dim() == 1 else (p[..., None] if p.dim() == 2 else p)
+        pos, cu_seqlens = p.long(), None
+    num_axes = len(sections) if sections is not None else (1 if pos is None else pos.shape[-1])
+    table, axis = rope_schedule(R, base, num_axes, axis_layout, sections, acc, q.device)
+    table = table if inv_freq is None else inv_freq.to(acc)
+    outs = []
+    for t in (q, k):
+        if t is None:
+            continue
+        y = rope_ref(t[None] if packed else t, pos, offsets, cu_seqlens, inv_freq=table,
+                     axis=None if pos is None else axis, rotary_dim=R, interleaved=interleaved, offset=offset)
+        y = y[0] if packed else y
+        outs.append(t.copy_(y) if inplace else y)
+    return outs[0] if k is None else tuple(outs)
 
 
 def grid_positions(h: int, w: int, start=0, device=None) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""The Python half of the layer every op family shares (the C++ half, argument checks and backend
+choice, is csrc/front.h; a family's front is csrc/<family>.cpp).
+
+A public function (pyext/<family>.py) is one call: `kxops._C.<family>(...)` in eager mode, or the
+family's CompositeImplicitAutograd front op under torch.compile / export (`compiling()` tells which;
+Dynamo records the op and AOTAutograd runs the same C++ on fake tensors). What the build contains is
+known here at import (`HAS_CUDA_KERNELS`, `TRITON_IMPORTABLE`), never looked up while tracing.
+
+Registration helpers for the ops whose implementations are Python: fake (shape-only) implementations
+of the C++ kernel ops, the reference ops (CompositeImplicitAutograd: the reference on the normalised
+arguments), and the Triton ops (triton_op + an autograd formula).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Callable
+
+import torch
+
+from . import _C  # noqa: F401  (the ops must be registered before anything below looks at them)
+
+__all__ = ["HAS_CUDA_KERNELS", "TRITON_IMPORTABLE", "backends", "compiling", "triton_interpreting",
+           "register_fakes", "implement_reference", "register_triton_autograd"]
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+# Build facts, fixed at import. A CPU-only build leaves the .cu files (and so every CUDA kernel) out.
+HAS_CUDA_KERNELS: bool = _has_kernel("kxops::rope", "CUDA")
+TRITON_IMPORTABLE: bool = importlib.util.find_spec("triton") is not None
+
+# True while Dynamo traces (torch.compile, torch.export): the public functions then call the front op.
+compiling: Callable[[], bool] = torch.compiler.is_compiling
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backends() -> list[str]:
+    """Backends usable here: 'reference' always; 'cpu' (the C++ extension is always built); 'cuda' when
+    the build carries the CUDA kernels and a GPU is visible; 'triton' when Triton is installed and a GPU
+    is visible (or TRITON_INTERPRET=1 runs it on CPU tensors, for tests)."""
+    out = ["reference"]
+    if _has_kernel("kxops::rope", "CPU"):
+        out.append("cpu")
+    gpu = torch.cuda.is_available()
+    if gpu and HAS_CUDA_KERNELS:
+        out.append("cuda")
+    if TRITON_IMPORTABLE and (gpu or triton_interpreting()):
+        out.append("triton")
+    return out
+
+
+_LIB = torch.library.Library("kxops", "IMPL")  # lives as long as the package: holds the registrations
+
+
+def register_fakes(fakes: dict) -> None:
+    """{"kxops::op": fake_fn}: shape-only implementations of C++ ops, for fake tensors (torch.compile)."""
+    for name, fn in fakes.items():
+        torch.library.register_fake(name, fn)
+
+
+def implement_reference(name: str, fn: Callable) -> None:
+    """The reference backend of a family: `fn` (pure PyTorch, differentiable) implements the op `name`
+    (schema in csrc/kxops.cpp) as CompositeImplicitAutograd, so autograd and tracing see its aten ops."""
+    _LIB.impl(name.split("::")[1], fn, "CompositeImplicitAutograd")
+
+
+def register_triton_autograd(name: str, n_tensors: int, backward: Callable) -> None:
+    """Autograd of a Triton op whose first `n_tensors` inputs are differentiated and whose other inputs
+    (normalised arguments) are saved as they are: backward(op, saved_args, *grads) -> grads of the
+    first n_tensors inputs. C++ ops carry their autograd in C++ (csrc/<family>.cpp)."""
+    op = getattr(torch.ops.kxops, name.split("::")[1])
+
+    def setup_context(ctx, inputs, output):
+        rest = inputs[n_tensors:]
+        ctx.tensor_idx = [i for i, a in enumerate(rest) if isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*(rest[i] for i in ctx.tensor_idx))
+        ctx.rest = [None if isinstance(a, torch.Tensor) else a for a in rest]
+
+    def _backward(ctx, *grads):
+        rest = list(ctx.rest)
+        for i, t in zip(ctx.tensor_idx, ctx.saved_tensors):
+            rest[i] = t
+        dx = backward(op, rest, *grads)
+        dx = dx if isinstance(dx, tuple) else (dx,)
+        return (*dx, *([None] * len(rest)))
+
+    torch.library.register_autograd(name, _backward, setup_context=setup_context)
