@@ -7,6 +7,7 @@
 // their in-place forms (torch.compile / export: Dynamo records the op, AOTAutograd runs this code on
 // fake tensors and records the backend op it calls).
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -305,6 +306,13 @@ std::vector<Tensor> run(const Args& a) {
       a.q.copy_(packed ? outs[0][0] : outs[0]);
       if (a.k) a.k->copy_(packed ? outs[1][0] : outs[1]);
       return {};
+    }
+    if (!front::traced(a.q)) {  // the kernels read and write one element per thread: no aliasing
+      at::assert_no_internal_overlap(a.q);
+      if (a.k) {
+        at::assert_no_internal_overlap(*a.k);
+        at::assert_no_overlap(a.q, *a.k);
+      }
     }
     at::AutoDispatchBelowADInplaceOrView below;
     if (!k4) (b == Backend::Triton ? kRopeTriton_ : kRope_).get().call(q4, KX_ROPE_CALL_ARGS(n, false));

@@ -12,6 +12,7 @@ arguments), and the Triton ops (triton_op + an autograd formula).
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Callable
@@ -21,7 +22,7 @@ import torch
 from . import _C  # noqa: F401  (the ops must be registered before anything below looks at them)
 
 __all__ = ["HAS_CUDA_KERNELS", "TRITON_IMPORTABLE", "backends", "compiling", "triton_interpreting",
-           "register_fakes", "implement_reference", "register_triton_autograd"]
+           "register_fakes", "implement_reference", "register_triton_autograd", "register_eager_cuda"]
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -91,3 +92,12 @@ def register_triton_autograd(name: str, n_tensors: int, backward: Callable) -> N
         return (*dx, *([None] * len(rest)))
 
     torch.library.register_autograd(name, _backward, setup_context=setup_context)
+
+
+def register_eager_cuda(impls: dict) -> None:
+    """{"kxops::op_triton": fn(*args, traceable=...)}: the CUDA-key kernels of Triton ops, for eager calls on
+    real CUDA tensors. They launch the kernel directly (traceable=False), without the wrappers triton_op
+    puts around its function (dynamo-disable, wrap_triton switch: tens of microseconds a call). Tracing
+    never reaches them: fake and functional tensors dispatch to triton_op's own handling first."""
+    for name, fn in impls.items():
+        _LIB.impl(name.split("::")[1], functools.partial(fn, traceable=False), "CUDA")

@@ -60,46 +60,66 @@ def _rope_backward(op, args, *grads):
     return op(*grads, *args[:-1], not args[-1])
 
 
+def _triton_rope(x, *args, traceable=True):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _triton_launch(x, out, None, None, *args, in_place=False, traceable=traceable)
+    return out
+
+
+def _triton_rope_(x, *args, traceable=True):
+    _triton_launch(x, x, None, None, *args, in_place=True, traceable=traceable)
+
+
+def _triton_rope_qk(q, k, *args, traceable=True):
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    _triton_launch(q, q_out, k, k_out, *args, in_place=False, traceable=traceable)
+    return q_out, k_out
+
+
+def _triton_rope_qk_(q, k, *args, traceable=True):
+    _triton_launch(q, q, k, k, *args, in_place=True, traceable=traceable)
+
+
 if _dispatch.TRITON_IMPORTABLE:
     from torch.library import triton_op as _triton_op
 
     from .triton_kernels.rope import rope_launch as _triton_launch
 
+    # The ops as torch.compile and export see them (triton_op: the kernel launch is traced).
     @_triton_op("kxops::rope_triton", mutates_args=())
     def _rope_triton(x: Tensor, positions: Optional[Tensor], offsets: Optional[Tensor], offset: int,
                      cu_seqlens: Optional[Tensor], inv_freq: Tensor, axis: Optional[Tensor], rotary_dim: int,
                      interleaved: bool, conjugate: bool) -> Tensor:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _triton_launch(x, out, None, None, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim,
-                       interleaved, conjugate)
-        return out
+        return _triton_rope(x, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim, interleaved,
+                            conjugate)
 
     @_triton_op("kxops::rope_triton_", mutates_args=("x",))
-    def _rope_triton_(x: Tensor, positions: Optional[Tensor], offsets: Optional[Tensor], offset: int,
-                      cu_seqlens: Optional[Tensor], inv_freq: Tensor, axis: Optional[Tensor], rotary_dim: int,
-                      interleaved: bool, conjugate: bool) -> None:
-        _triton_launch(x, x, None, None, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim,
-                       interleaved, conjugate)
+    def _rope_triton_op_(x: Tensor, positions: Optional[Tensor], offsets: Optional[Tensor], offset: int,
+                         cu_seqlens: Optional[Tensor], inv_freq: Tensor, axis: Optional[Tensor], rotary_dim: int,
+                         interleaved: bool, conjugate: bool) -> None:
+        _triton_rope_(x, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim, interleaved, conjugate)
 
     @_triton_op("kxops::rope_qk_triton", mutates_args=())
     def _rope_qk_triton(q: Tensor, k: Tensor, positions: Optional[Tensor], offsets: Optional[Tensor], offset: int,
                         cu_seqlens: Optional[Tensor], inv_freq: Tensor, axis: Optional[Tensor], rotary_dim: int,
                         interleaved: bool, conjugate: bool) -> tuple[Tensor, Tensor]:
-        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        _triton_launch(q, q_out, k, k_out, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim,
-                       interleaved, conjugate)
-        return q_out, k_out
+        return _triton_rope_qk(q, k, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim,
+                               interleaved, conjugate)
 
     @_triton_op("kxops::rope_qk_triton_", mutates_args=("q", "k"))
-    def _rope_qk_triton_(q: Tensor, k: Tensor, positions: Optional[Tensor], offsets: Optional[Tensor], offset: int,
-                         cu_seqlens: Optional[Tensor], inv_freq: Tensor, axis: Optional[Tensor], rotary_dim: int,
-                         interleaved: bool, conjugate: bool) -> None:
-        _triton_launch(q, q, k, k, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim,
-                       interleaved, conjugate)
+    def _rope_qk_triton_op_(q: Tensor, k: Tensor, positions: Optional[Tensor], offsets: Optional[Tensor],
+                            offset: int, cu_seqlens: Optional[Tensor], inv_freq: Tensor, axis: Optional[Tensor],
+                            rotary_dim: int, interleaved: bool, conjugate: bool) -> None:
+        _triton_rope_qk_(q, k, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim, interleaved,
+                         conjugate)
 
     _dispatch.register_triton_autograd("kxops::rope_triton", 1, _rope_backward)
     _dispatch.register_triton_autograd("kxops::rope_qk_triton", 2, _rope_backward)
+    # Eager calls on real CUDA tensors launch directly, without triton_op's wrappers.
+    _dispatch.register_eager_cuda({"kxops::rope_triton": _triton_rope, "kxops::rope_triton_": _triton_rope_,
+                                   "kxops::rope_qk_triton": _triton_rope_qk,
+                                   "kxops::rope_qk_triton_": _triton_rope_qk_})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ Design (memory bound: every element of q/k is read once and written once):
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 
 __all__ = ["rope_launch", "rope_kernel"]
 
@@ -303,25 +302,9 @@ _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 _TILE_ELEMS = 4096
 
 
-def _span(t):
-    lo = t.data_ptr()
-    hi = lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) * t.element_size()
-    return lo, hi + t.element_size()
-
-
-def _is_in_place(dst, src, name) -> bool:
-    """True when dst is the very same view as src (in place); False when they do not overlap."""
-    if dst is src:
-        return True
-    if is_fake(dst) or is_fake(src):
-        return False  # traced (torch.compile, fake tensors): our ops pass `out is x` for in place
-    if dst.data_ptr() == src.data_ptr() and dst.stride() == src.stride():
-        return True
-    if dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr():
-        (a0, a1), (b0, b1) = _span(dst), _span(src)
-        if a0 < b1 and b0 < a1:
-            raise ValueError(f"rope (triton): output for {name} partially overlaps its input")
-    return False
+def _pow2(n: int) -> int:
+    """Smallest power of two >= n (plain Python: triton.next_power_of_2 is a jit function, slow to call)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def _check_tensor(name, t):
@@ -346,35 +329,37 @@ def rope_launch(
     rotary_dim: int,
     interleaved: bool,
     conjugate: bool,
+    in_place: bool,
+    traceable: bool = True,
 ) -> None:
     """Apply RoPE to x (-> out) and optionally k (-> k_out) in ONE launch (contract semantics).
 
-    x, out: (B, S, H, D), any strides (out may be x: in place). k, k_out: None or (B, S, Hk, D).
+    x, out: (B, S, H, D), any strides; k, k_out: None or (B, S, Hk, D). in_place: out is x and k_out is
+    k (the in-place ops); otherwise out and k_out are fresh tensors (the functional ops).
     positions: None or int64 (Bp, S, A), Bp in {1, B}. offsets: None or int64 (B,) / (nseq,).
     offset: int added to every default position (0 when positions are given).
     cu_seqlens: None or int32 (nseq + 1,) (B == 1). inv_freq: fp32 (R/2,). axis: None or int32.
+    traceable: launch through torch.library.wrap_triton (inside triton_op, so that torch.compile and
+    export can trace the kernel); False launches the kernel directly (eager, real tensors).
+    The host work per call is what decoding pays: nothing here allocates or syncs for arguments that
+    are already right.
     """
     _check_tensor("x", x)
-    if out.dtype != x.dtype:
-        raise ValueError(f"rope (triton): out dtype {out.dtype} != x dtype {x.dtype}")
-    has_k = k is not None
-    if has_k:
-        _check_tensor("k", k)
-        if k_out is None:
-            raise ValueError("rope (triton): k given without k_out")
     B, S, H, D = x.shape
+    has_k = k is not None and k.numel() > 0
+    if k is not None:
+        _check_tensor("k", k)
+    if tuple(out.shape) != (B, S, H, D) or out.dtype != x.dtype or (
+            k is not None and (k_out is None or k_out.shape != k.shape or k_out.dtype != k.dtype)):
+        raise ValueError("rope (triton): outputs must match their inputs in shape and dtype")
     Hk = k.shape[2] if has_k else 0
     R = int(rotary_dim)
     if R % 2 != 0 or R < 2 or R > D:
         raise ValueError(f"rope (triton): invalid rotary_dim {R} for head_dim {D}")
-    if has_k and k.numel() == 0:
-        has_k = False
     if x.numel() == 0 and not has_k:
         return
-    if inv_freq.dtype != torch.float32:
-        raise ValueError(f"rope (triton): inv_freq must be float32, got {inv_freq.dtype}")
-    if inv_freq.numel() < R // 2:
-        raise ValueError("rope (triton): inv_freq has fewer than rotary_dim/2 entries")
+    if inv_freq.dtype != torch.float32 or inv_freq.dim() != 1 or inv_freq.shape[0] < R // 2:
+        raise ValueError("rope (triton): inv_freq must be a float32 vector of at least rotary_dim/2 entries")
     inv_freq = inv_freq.contiguous()
 
     has_pos = positions is not None
@@ -384,11 +369,8 @@ def rope_launch(
     if has_pos:
         if positions.dtype != torch.int64:
             positions = positions.to(torch.int64)
-        stride_pos = (
-            positions.stride(0) if positions.shape[0] > 1 else 0,
-            positions.stride(1),
-            positions.stride(2),
-        )
+        sp = positions.stride()
+        stride_pos = (sp[0] if positions.shape[0] > 1 else 0, sp[1], sp[2])
     else:
         stride_pos = (0, 0, 0)
     if has_axis:
@@ -401,13 +383,9 @@ def rope_launch(
         if B != 1:
             raise ValueError("rope (triton): cu_seqlens requires batch size 1")
         cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
-        nseq = cu_seqlens.numel() - 1
+        nseq = cu_seqlens.shape[0] - 1
         search_iters = max(1, (nseq + 1).bit_length())
-
-    if tuple(out.shape) != tuple(x.shape) or (has_k and tuple(k_out.shape) != tuple(k.shape)):
-        raise ValueError("rope (triton): output shape differs from input shape")
-    in_place = x.numel() > 0 and _is_in_place(out, x, "x")
-    k_in_place = has_k and _is_in_place(k_out, k, "k")
+    in_place = bool(in_place) and x.numel() > 0
 
     # placeholders for absent pointers (never dereferenced: guarded by constexpr flags)
     dummy = inv_freq
@@ -415,19 +393,20 @@ def rope_launch(
     k_out_arg = k_out if has_k else out
 
     # ---- block-size heuristic (no autotune: it does not run in the interpreter) ----
-    BLOCK_D = max(2, triton.next_power_of_2(D))
+    BLOCK_D = max(2, _pow2(D))
     # heads per tile (x and k alike): as many as fit in the element budget while leaving room
     # for >= 4 tokens per tile, and no more than the head count (masked lanes would idle).
-    BLOCK_H = max(1, min(triton.next_power_of_2(max(H, Hk, 1)), _TILE_ELEMS // (BLOCK_D * 4)))
+    BLOCK_H = max(1, min(_pow2(max(H, Hk, 1)), _TILE_ELEMS // (BLOCK_D * 4)))
     # tokens per program: fill the tile budget; more tokens per program only lowers the number
     # of programs (capped at 64 and at S).
-    BLOCK_T = max(1, min(64, triton.next_power_of_2(S), _TILE_ELEMS // (BLOCK_D * BLOCK_H)))
+    BLOCK_T = max(1, min(64, _pow2(S), _TILE_ELEMS // (BLOCK_D * BLOCK_H)))
     tile = BLOCK_T * BLOCK_H * BLOCK_D
     num_warps = 4 if tile >= 2048 else (2 if tile >= 512 else 1)
 
-    grid = (triton.cdiv(S, BLOCK_T), B)
+    grid = ((S + BLOCK_T - 1) // BLOCK_T, B)
     # wrap_triton: torch.compile / triton_op trace the launch instead of running it
-    torch.library.wrap_triton(rope_kernel)[grid](
+    kernel = torch.library.wrap_triton(rope_kernel) if traceable else rope_kernel
+    kernel[grid](
         out,
         x,
         k_out_arg,
@@ -457,7 +436,7 @@ def rope_launch(
         HAS_OFFSETS=has_offsets,
         HAS_K=has_k,
         IN_PLACE=in_place,
-        K_IN_PLACE=k_in_place,
+        K_IN_PLACE=in_place and has_k,
         SEARCH_ITERS=search_iters,
         EMULATE_RNE=_INTERPRETED and x.dtype == torch.bfloat16,
         BLOCK_T=BLOCK_T,
