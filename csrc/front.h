@@ -86,16 +86,24 @@ inline bool traced(const at::Tensor& t) {
          c10::impl::TorchDispatchModeTLS::stack_len() > 0;
 }
 
+// Whether the current CUDA stream is capturing a graph: set by the CUDA build (csrc/cuda/front_cuda.cu),
+// null in a CPU-only build. While capturing, nothing may sync with or copy from the host.
+extern bool (*cuda_capturing)();
+
+inline bool capturing(const at::Tensor& t) {
+  return t.is_cuda() && cuda_capturing != nullptr && cuda_capturing();
+}
+
 // cu_seqlens of a packed batch: int32 (batch + 1,) on x's device, starting at 0, non-decreasing, ending
 // at `total`. The value checks read the data (one host sync for all three); they are skipped for
-// traced tensors. Returns the contiguous tensor.
+// traced tensors and during CUDA graph capture. Returns the contiguous tensor.
 inline at::Tensor check_cu_seqlens(const char* op, const at::Tensor& cu, int64_t total, const at::Tensor& x) {
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, op, ": cu_seqlens must be int32, got ", dtype_name(cu.scalar_type()));
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 2, op, ": cu_seqlens must be a 1-D (batch + 1,) tensor, got shape ",
                     shape_str(cu.sizes()));
   check_device(op, "cu_seqlens", cu, x);
   at::Tensor c = cu.contiguous();
-  if (traced(c)) return c;
+  if (traced(c) || capturing(c)) return c;
   const at::Tensor h = c.is_cpu() ? c : c.cpu();  // the one host sync
   const int32_t* v = h.const_data_ptr<int32_t>();
   const int64_t n = h.numel();
@@ -208,13 +216,14 @@ struct Op {
 
 // ---- constants and caches ------------------------------------------------------------------------
 
-// A small constant table (frequencies, axis ids) as a tensor on `device`. Traced, it is built from
-// scalar fills (one aten::full per run of equal values, then cat): the values stay exact, and the graph
-// holds no tensor constant, which torch.export's decompositions could not register.
+// A small constant table (frequencies, axis ids) as a tensor on `device`. on_device (traced, or a CUDA
+// graph being captured): built there from scalar fills (one aten::full per run of equal values, then
+// cat), so the values stay exact, a traced graph holds no tensor constant (which torch.export's
+// decompositions could not register) and a captured one no host copy.
 template <typename T>
-at::Tensor constant(const std::vector<T>& values, at::ScalarType dtype, at::Device device, bool is_traced) {
+at::Tensor constant(const std::vector<T>& values, at::ScalarType dtype, at::Device device, bool on_device) {
   const auto src = c10::CppTypeToScalarType<T>::value;
-  if (is_traced) {
+  if (on_device) {
     std::vector<at::Tensor> runs;
     for (size_t i = 0; i < values.size();) {
       size_t j = i + 1;

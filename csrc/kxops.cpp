@@ -7,7 +7,12 @@
 
 #include <vector>
 
+#include "front.h"
 #include "pyentry.h"
+
+namespace kxops::front {
+bool (*cuda_capturing)() = nullptr;
+}
 
 namespace kxops::py {
 

@@ -105,6 +105,7 @@ void schedule(int64_t R, double base, int64_t num_axes, Layout layout, const opt
 using TableKey = std::tuple<int64_t, double, int64_t, int, std::vector<int64_t>, int, int, int>;
 front::Cache<TableKey, Tables> table_cache;
 
+// Cached per device, except for traced tensors and during CUDA graph capture (built on the device then).
 Tables tables(int64_t R, double base, int64_t num_axes, Layout layout, const optional<std::vector<int64_t>>& sections,
               at::ScalarType acc, at::Device device, bool traced) {
   auto make = [&] {
@@ -218,7 +219,7 @@ Backend normalise(const Args& a, Normalised& n, Tensor& q4, optional<Tensor>& k4
                          a.axis_layout, "'");
   const Backend backend = front::resolve_backend(op, a.backend, q, kOps);
   const at::ScalarType acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const bool traced = front::traced(q);
+  const bool traced = front::traced(q) || front::capturing(q);  // tables made on the device, not cached
 
   q4 = packed ? q.unsqueeze(0) : q;
   if (a.k) k4 = packed ? a.k->unsqueeze(0) : *a.k;
