@@ -121,7 +121,10 @@ Tables tables(int64_t R, double base, int64_t num_axes, Layout layout, const opt
   TableKey key{R, base, num_axes, static_cast<int>(layout), sections.value_or(std::vector<int64_t>{}),
                static_cast<int>(acc), static_cast<int>(device.type()), device.index()};
   if (sections) std::get<4>(key).push_back(-1);  // sections=None and sections=[] differ
-  return table_cache.get(key, make);
+  // the same table call after call (a model's layers, decoding steps): no lock for a repeat
+  thread_local std::optional<std::pair<TableKey, Tables>> last;
+  if (!last || last->first != key) last.emplace(key, table_cache.get(key, make));
+  return last->second;
 }
 
 // ---- the front ---------------------------------------------------------------------------------
@@ -173,7 +176,7 @@ Tensor normalise_positions(const char* op, const Tensor& p, const Tensor& x4, bo
   }
   TORCH_CHECK_VALUE(ok && out.size(-1) >= 1, op, ": positions must be ", expected, ", got shape ",
                     front::shape_str(p.sizes()));
-  return out.to(at::kLong);
+  return out.scalar_type() == at::kLong ? out : out.to(at::kLong);
 }
 
 // Checks and normalises; returns the backend and fills `n`, q4 / k4 (packed input viewed as batch 1).
@@ -250,7 +253,7 @@ Backend normalise(const Args& a, Normalised& n, Tensor& q4, optional<Tensor>& k4
     front::check_device(op, "offsets", t, q);
     TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == nseq, op, ": offsets must have shape (", nseq,
                       ",) (one per sequence), got ", front::shape_str(t.sizes()));
-    n.offsets = t.to(at::kLong).contiguous();
+    n.offsets = (t.scalar_type() == at::kLong ? t : t.to(at::kLong)).contiguous();
   }
   n.offset = a.offset.value_or(0);
 
@@ -260,7 +263,7 @@ Backend normalise(const Args& a, Normalised& n, Tensor& q4, optional<Tensor>& k4
     n.inv_freq = t.inv_freq;
     n.axis = t.axis;
   } else {
-    n.inv_freq = a.inv_freq->to(acc).contiguous();
+    n.inv_freq = (a.inv_freq->scalar_type() == acc ? *a.inv_freq : a.inv_freq->to(acc)).contiguous();
     n.axis = tables(R, 10000.0, num_axes, layout, a.sections, acc, q.device(), traced).axis;
   }
   if (!n.positions) n.axis = std::nullopt;  // default positions are the same on every axis
@@ -397,11 +400,17 @@ PyObject* py_rope(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto backend = py::str(args[13]);
   TORCH_CHECK_VALUE(backend, op, ": backend must be one of 'auto', 'cpu', 'cuda', 'triton', 'reference', got ",
                     py::repr(args[13]));
+  const Args call{op, q, k, positions, base, inv_freq, rotary_dim, interleaved, *layout, sections, offsets, offset,
+                  cu_seqlens, inplace, *backend};
+  // Other Python threads run while a large CPU rotation or a host sync (cu_seqlens checks) goes on;
+  // a small call is done before a GIL hand-over would be.
+  const bool long_call = cu_seqlens || (q.is_cpu() && q.numel() + (k ? k->numel() : 0) >= (1 << 15));
   std::vector<Tensor> outs;
-  {
+  if (long_call) {
     pybind11::gil_scoped_release no_gil;
-    outs = run(Args{op, q, k, positions, base, inv_freq, rotary_dim, interleaved, *layout, sections, offsets, offset,
-                    cu_seqlens, inplace, *backend});
+    outs = run(call);
+  } else {
+    outs = run(call);
   }
   if (inplace) return qk ? PyTuple_Pack(2, args[1], args[2]) : Py_NewRef(args[1]);
   if (!qk) return THPVariable_Wrap(std::move(outs[0]));

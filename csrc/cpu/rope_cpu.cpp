@@ -11,6 +11,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -361,8 +362,11 @@ void rope_launch(const char* name, const at::Tensor& x, const at::Tensor& out_x,
     if (use_avx2()) fn = interleaved ? &rope_tokens_avx2<T, A, true> : &rope_tokens_avx2<T, A, false>;
 #endif
     at::parallel_for(0, B * S, grain, [&](int64_t begin, int64_t end) {
-      std::vector<A> table(3 * (rotary_dim / 2)), pf(A_axes), buf(std::is_same_v<T, at::Half> ? rotary_dim : 0);
-      std::vector<int64_t> last(A_axes, 0);
+      // per-thread scratch: on the stack for usual head sizes (a decoding step is a few microseconds)
+      c10::SmallVector<A, 3 * 128> table(3 * (rotary_dim / 2));
+      c10::SmallVector<A, 256> buf(std::is_same_v<T, at::Half> ? rotary_dim : 0);
+      c10::SmallVector<A, 4> pf(A_axes);
+      c10::SmallVector<int64_t, 4> last(A_axes, 0);
       fn(job, ops, nops, begin, end, table.data(), last.data(), pf.data(), buf.data());
     });
   });
