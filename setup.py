@@ -33,7 +33,7 @@ setup(
     name="kxops",
     version="0.1.0",
     description="Fused PyTorch operators for the techniques of kexue.fm (RoPE, linear attention, ...)",
-    packages=["kxops", "kxops.reference", "kxops.triton_kernels"],
+    packages=["kxops", "kxops.reference", "kxops.integrations", "kxops.triton_kernels"],
     package_dir={"kxops": "pyext", "kxops.triton_kernels": "triton_kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension},

@@ -87,7 +87,10 @@ def main(argv=None) -> int:
                 for (_, name), why in rep.skipped.items():
                     print(f"  [{d}] unavailable: {name} ({why})")
                 for c in runner.select_cases(op, d, sel):
-                    print(f"  [{d}] case {c.name} {c.dtype_name}{' (quick)' if c.quick else ''}")
+                    extra = ["quick"] if c.quick else []
+                    extra += [f"modes {','.join(c.modes)}"] if c.modes else []
+                    extra += [f"{c.timing} timing"] if c.timing != "device" else []
+                    print(f"  [{d}] case {c.name} {c.dtype_name}{' (' + ', '.join(extra) + ')' if extra else ''}")
         return 0
 
     budget = timing.Budget.quick() if args.quick else timing.Budget()
@@ -95,9 +98,7 @@ def main(argv=None) -> int:
     plan = []
     for d in devices:
         for op in ops.values():
-            n = (len(runner.select_cases(op, d, sel)) * len(runner.select_providers(op, d, sel, runner.Report()))
-                 * len([m for m in op.modes if m in sel.modes]))
-            plan.append((d, op, n))
+            plan.append((d, op, runner.plan_size(op, d, sel)))
     progress = runner.Progress(sum(n for _, _, n in plan) + len(devices), enabled=not args.no_progress)
 
     tables = []

@@ -13,22 +13,38 @@ import torch
 
 MODES = ("fwd", "bwd", "fwd_bwd")
 DEVICES = ("cpu", "cuda")
-KINDS = ("reference", "compile", "kxops", "anchor")
+KINDS = ("reference", "compile", "kxops", "anchor", "yardstick")
+# device: CUDA events around each call with L2 flushed in between (do_bench) on GPU, blocked_autorange on
+# CPU. host: the wall clock of many back-to-back calls, what a user waits for when calls are host-bound.
+TIMINGS = ("device", "host")
 
 
 @dataclass(frozen=True)
 class Case:
     """One benchmark point. `params` holds the shapes and flags the op module reads; `name` says them
-    (e.g. "qk-B8-S4096-Hq32-Hk8-D128"). `quick` cases form the --quick subset."""
+    (e.g. "qk-B8-S4096-Hq32-Hk8-D128"). `quick` cases form the --quick subset. `modes`: the modes the case
+    runs (None: the family's; an inference case: ("fwd",), its inputs then need not require grad).
+    `timing`: one of TIMINGS."""
     name: str
     device: str
     dtype: torch.dtype
     params: dict = field(default_factory=dict)
     quick: bool = False
+    modes: Optional[tuple] = None
+    timing: str = "device"
+
+    def __post_init__(self):
+        if self.timing not in TIMINGS:
+            raise ValueError(f"Case {self.name}: timing must be one of {TIMINGS}, got {self.timing!r}")
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).replace("torch.", "")
+
+    @property
+    def needs_grad(self) -> bool:
+        """Whether a mode of the case differentiates, so that make_inputs must return leaves requiring grad."""
+        return self.modes is None or any(m != "fwd" for m in self.modes)
 
     def __getitem__(self, key):
         return self.params[key]
@@ -67,13 +83,19 @@ class Provider:
     available() returns None when the provider can run on this machine, else the reason it cannot.
     devices: where it runs (Triton-only anchors: ("cuda",)).
     kind: "reference" (eager spec), "compile" (torch.compile of it), "kxops" (ours: an error or a
-    failed check makes the run exit non-zero), "anchor" (a library users would pick instead)."""
+    failed check makes the run exit non-zero), "anchor" (a library users would pick instead),
+    "yardstick" (a cheap call such as one aten op on the same tensor: never checked, never a competitor;
+    the other rows report their time as a multiple of it).
+    modes: the modes it supports (None: all; an in-place or inference-only provider: ("fwd",)).
+    timing: overrides the case's timing (a CUDA-graph replay: "device", the kernel time)."""
     name: str
     setup: Callable[[Case, Inputs], Optional[Callable[[], Any]]]
     devices: tuple = DEVICES
     available: Callable[[], Optional[str]] = lambda: None
     kind: str = "anchor"
     note: str = ""
+    modes: Optional[tuple] = None
+    timing: Optional[str] = None
 
 
 def float_tensors(out) -> list:
@@ -114,11 +136,18 @@ def default_tolerance(dtype: torch.dtype) -> float:
 @dataclass(frozen=True)
 class Target:
     """A performance goal the run reports on (never fails it: timings on shared machines are noisy):
-    `provider` at least `min_speedup` times faster than the reference on `case` in each of `modes`."""
+    `provider` on `case`, in each of `modes`, meets every goal that is set:
+    min_speedup  at least this many times faster than the reference;
+    max_us       a median of at most this many microseconds;
+    faster_than  a lower median than each of these providers (same case, mode and timing);
+    max_ratio    at most this multiple of the yardstick's median."""
     case: str
     provider: str
-    min_speedup: float
+    min_speedup: Optional[float] = None
     modes: tuple = MODES
+    max_us: Optional[float] = None
+    faster_than: tuple = ()
+    max_ratio: Optional[float] = None
 
 
 @dataclass
@@ -140,7 +169,8 @@ class Op:
                             (linear attention's final state) selects here.
     check(ref, out, case)   an error number compared with tolerance(dtype); None disables the check
                             (random outputs: seed them from inputs.seed instead where possible).
-    modes                   the modes the family supports (a forward-only family: ("fwd",)).
+    modes                   the modes the family supports (a forward-only family: ("fwd",)); a Case or
+                            a Provider may narrow them (modes_for).
     targets                 Target goals printed under the table (e.g. "kxops-cpu >= 3x the reference").
     """
     name: str
@@ -167,6 +197,11 @@ class Op:
     @property
     def reference(self) -> Optional[Provider]:
         return next((p for p in self.providers if p.kind == "reference"), None)
+
+    def modes_for(self, case: Case, provider: Provider) -> tuple:
+        """The family's modes that both the case and the provider run."""
+        return tuple(m for m in self.modes if (case.modes is None or m in case.modes)
+                     and (provider.modes is None or m in provider.modes))
 
     def with_cases(self, cases: Callable[[str], list]) -> "Op":
         return dataclasses.replace(self, cases=cases)

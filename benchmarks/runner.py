@@ -24,9 +24,10 @@ _INFRA = {"core", "timing", "runner", "plot", "conftest"}
 
 CSV_COLUMNS = [
     "date", "device", "device_name", "num_threads", "torch", "triton", "python", "git_sha",
-    "op", "case", "provider", "kind", "mode", "dtype", "params",
+    "op", "case", "provider", "kind", "mode", "timing", "dtype", "params",
     "median_ms", "p20_ms", "p80_ms", "bytes", "gbps", "copy_gbps", "frac_copy_bw", "tflops",
-    "peak_mem_mib", "speedup_vs_best_other", "speedup_vs_ref", "check_err", "status", "seed", "quick",
+    "peak_mem_mib", "speedup_vs_best_other", "speedup_vs_ref", "ratio_to_yardstick", "check_err", "status", "seed",
+    "quick",
 ]
 
 
@@ -99,21 +100,24 @@ def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"[:200]
 
 
-def _match(name: str, wanted: Optional[list]) -> bool:
-    return not wanted or any(w == name or w in name for w in wanted)
+def _match(name: str, wanted: Optional[list], names=()) -> bool:
+    """A filter word selects the name it equals, else (when it equals none of `names`) every name that
+    contains it: "kxops-cpu" is that provider alone, "kxops" every kxops provider."""
+    return not wanted or any(w == name or (w not in names and w in name) for w in wanted)
 
 
 def select_cases(op: Op, device: str, sel: Selection) -> list:
     cases = [c for c in op.cases(device) if c.device == device]
     if sel.quick:
         cases = [c for c in cases if c.quick] or cases[:1]
-    return [c for c in cases if _match(c.name, sel.cases)]
+    names = {c.name for c in cases}
+    return [c for c in cases if _match(c.name, sel.cases, names)]
 
 
 def select_providers(op: Op, device: str, sel: Selection, report: Report) -> list:
     usable = []
     for p in op.providers:
-        if device not in p.devices or not _match(p.name, sel.providers):
+        if device not in p.devices or not _match(p.name, sel.providers, {q.name for q in op.providers}):
             continue
         try:
             reason = p.available()
@@ -124,6 +128,17 @@ def select_providers(op: Op, device: str, sel: Selection, report: Report) -> lis
         else:
             usable.append(p)
     return usable
+
+
+def modes_for(op: Op, case, provider, sel: Selection) -> list:
+    return [m for m in op.modes_for(case, provider) if m in sel.modes]
+
+
+def plan_size(op: Op, device: str, sel: Selection) -> int:
+    """The progress bar's total: the rows a run of op on device produces, counting those of a provider
+    whose setup then declines a case (returns None)."""
+    providers = select_providers(op, device, sel, Report())
+    return sum(len(modes_for(op, c, p, sel)) for c in select_cases(op, device, sel) for p in providers)
 
 
 def _usable(p, device) -> bool:
@@ -150,7 +165,6 @@ def run_op(op: Op, device: str, sel: Selection, budget: timing.Budget, env: dict
            progress: Progress, report: Report) -> list:
     cases = select_cases(op, device, sel)
     providers = select_providers(op, device, sel, report)
-    modes = [m for m in op.modes if m in sel.modes]
     ref_provider = op.reference
     rows = []
     for case in cases:
@@ -164,8 +178,13 @@ def run_op(op: Op, device: str, sel: Selection, budget: timing.Budget, env: dict
                 print(f"benchmarks: {op.name} {case.name}: reference failed: {_short(e)}", file=sys.stderr)
         case_rows = []
         for p in providers:
-            base = dict(env, op=op.name, case=case.name, provider=p.name, kind=p.kind, dtype=case.dtype_name,
-                        params=_params(case), seed=sel.seed, quick=int(sel.quick), copy_gbps=copy_gbps)
+            modes = modes_for(op, case, p, sel)
+            if not modes:
+                continue
+            how = p.timing or case.timing
+            base = dict(env, op=op.name, case=case.name, provider=p.name, kind=p.kind, timing=how,
+                        dtype=case.dtype_name, params=_params(case), seed=sel.seed, quick=int(sel.quick),
+                        copy_gbps=copy_gbps)
             progress.step(f"{op.name} {case.name} {p.name} setup", 0)
             try:
                 inputs = op.make_inputs(case, sel.seed)
@@ -178,10 +197,12 @@ def run_op(op: Op, device: str, sel: Selection, budget: timing.Budget, env: dict
                 progress.step(f"{op.name} {case.name} {p.name} (n/a)", len(modes))
                 continue
             status, err = "ok", None
-            try:  # first call: warms up (compiles) and gives the output checked against the reference
+            # The first call warms up (compiles) and gives the output checked against the reference: before
+            # any other call, so that an in-place provider is checked on inputs it has rotated once.
+            try:
                 out = fn()
                 timing.synchronize(device)
-                if ref_out is not None:
+                if ref_out is not None and p.kind != "yardstick":
                     err = op.check(ref_out, out, case)
                     if err is not None and not err <= op.tolerance(case.dtype):
                         status = "MISMATCH"
@@ -200,7 +221,7 @@ def run_op(op: Op, device: str, sel: Selection, budget: timing.Budget, env: dict
                 step = None
                 try:
                     step = timing.make_step(fn, inputs, mode, op.outputs, sel.seed)
-                    t = timing.time_fn(step, device, budget)
+                    t = timing.time_fn(step, device, budget, how)
                     nbytes = op.bytes_moved(case, mode)
                     gbps = nbytes / (t.median_ms * 1e-3) / 1e9
                     row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, bytes=nbytes, gbps=gbps,
@@ -234,17 +255,23 @@ def _params(case) -> str:
 
 def _speedups(rows: list) -> None:
     """speedup_vs_best_other: the fastest OTHER provider's median / this median (> 1: this one wins);
-    speedup_vs_ref: the reference's median / this median. Only rows that ran and passed the check count."""
-    by_mode = {}
+    speedup_vs_ref: the reference's median / this median; ratio_to_yardstick: this median / the
+    yardstick's. Only rows that ran and passed the check count, compared within one mode and one timing
+    (a host-timed eager call and a graph replay timed by CUDA events do not measure the same thing);
+    the yardstick is nobody's competitor."""
+    groups = {}
     for r in rows:
         if r.get("median_ms") and r["status"] == "ok":
-            by_mode.setdefault(r["mode"], []).append(r)
-    for group in by_mode.values():
+            groups.setdefault((r["mode"], r.get("timing", "device")), []).append(r)
+    for group in groups.values():
         ref = next((r["median_ms"] for r in group if r["kind"] == "reference"), None)
-        for r in group:
-            others = [o["median_ms"] for o in group if o is not r]
+        yard = next((r["median_ms"] for r in group if r["kind"] == "yardstick"), None)
+        contenders = [r for r in group if r["kind"] != "yardstick"]
+        for r in contenders:
+            others = [o["median_ms"] for o in contenders if o is not r]
             r["speedup_vs_best_other"] = min(others) / r["median_ms"] if others else None
             r["speedup_vs_ref"] = ref / r["median_ms"] if ref else None
+            r["ratio_to_yardstick"] = r["median_ms"] / yard if yard else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,14 +286,23 @@ def _f(v, fmt: str, none: str = "-") -> str:
 def format_table(op: Op, device: str, rows: list, env: dict, copy_gbps: float) -> str:
     show_tf = op.flops is not None
     show_mem = op.record_memory and device == "cuda"
+    show_timing = len({r.get("timing") for r in rows}) > 1
+    yardstick = _yardstick(op)
+    yw = max(12, len(yardstick) + 4)
+    show_yard = any(r.get("ratio_to_yardstick") for r in rows)
+    pw = max([18] + [len(r["provider"]) + 2 for r in rows])
     lines = [f"== {op.name} on {device}: {env['device_name']} | copy bandwidth {copy_gbps:.1f} GB/s (read+write) "
              f"| torch {env['torch']} triton {env['triton'] or '-'} | git {env['git_sha']}"]
-    head = f"  {'mode':<8}{'provider':<18}{'median ms':>11}{'p20-p80 ms':>19}{'GB/s':>9}{'%copy':>7}"
+    head = f"  {'mode':<8}{'provider':<{pw}}" + (f"{'timing':<8}" if show_timing else "")
+    head += f"{'median ms':>11}{'p20-p80 ms':>19}{'GB/s':>9}{'%copy':>7}"
     if show_tf:
         head += f"{'TFLOP/s':>9}"
     if show_mem:
         head += f"{'peak MiB':>10}"
-    head += f"{'vs best other':>15}{'vs ref':>8}  check"
+    head += f"{'vs best other':>15}{'vs ref':>8}"
+    if show_yard:
+        head += f"{'x ' + yardstick:>{yw}}"
+    head += "  check"
     cases = []
     for r in rows:
         if r["case"] not in cases:
@@ -277,21 +313,27 @@ def format_table(op: Op, device: str, rows: list, env: dict, copy_gbps: float) -
         lines.append(head)
         for mode in op.modes:
             mrows = [r for r in crow if r["mode"] == mode]
-            best = min((r["median_ms"] for r in mrows if r.get("median_ms") and r["status"] == "ok"), default=None)
+            best = {}
             for r in mrows:
+                if r.get("median_ms") and r["status"] == "ok" and r["kind"] != "yardstick":
+                    t = r.get("timing")
+                    best[t] = min(best.get(t, r["median_ms"]), r["median_ms"])
+            for r in mrows:
+                line = f"  {mode:<8}{r['provider']:<{pw}}" + (f"{r.get('timing') or '':<8}" if show_timing else "")
                 if not r.get("median_ms"):
-                    lines.append(f"  {mode:<8}{r['provider']:<18}  {r['status']}")
+                    lines.append(f"{line}  {r['status']}")
                     continue
-                star = "*" if r["median_ms"] == best else " "
+                star = "*" if r["median_ms"] == best.get(r.get("timing")) else " "
                 q = f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}"
-                line = (f"  {mode:<8}{r['provider']:<18}{r['median_ms']:>10.4g}{star}{q:>19}"
-                        f"{_f(r.get('gbps'), '.1f'):>9}{_f(r.get('frac_copy_bw') and 100 * r['frac_copy_bw'], '.0f'):>6}%")
+                pct = _f(r.get('frac_copy_bw') and 100 * r['frac_copy_bw'], '.0f')
+                line += f"{r['median_ms']:>10.4g}{star}{q:>19}{_f(r.get('gbps'), '.1f'):>9}{pct:>6}%"
                 if show_tf:
                     line += f"{_f(r.get('tflops'), '.2f'):>9}"
                 if show_mem:
                     line += f"{_f(r.get('peak_mem_mib'), '.0f'):>10}"
-                sb, sr = r.get("speedup_vs_best_other"), r.get("speedup_vs_ref")
-                line += f"{_f(sb, '.2f') + ('x' if sb else ''):>15}{_f(sr, '.2f') + ('x' if sr else ''):>8}"
+                line += f"{_x(r.get('speedup_vs_best_other')):>15}{_x(r.get('speedup_vs_ref')):>8}"
+                if show_yard:
+                    line += f"{_x(r.get('ratio_to_yardstick')):>{yw}}"
                 err = r.get("check_err")
                 line += "  " + (("ok " if r["status"] == "ok" else r["status"] + " ") + _f(err, ".1e")
                                 if err is not None else r["status"] if r["status"] != "ok" else "-")
@@ -299,17 +341,52 @@ def format_table(op: Op, device: str, rows: list, env: dict, copy_gbps: float) -
     return "\n".join(lines)
 
 
+def _yardstick(op: Op) -> str:
+    return next((p.name for p in op.providers if p.kind == "yardstick"), "yardstick")
+
+
+def _x(v) -> str:
+    return _f(v, ".2f") + ("x" if v else "")
+
+
+def _us(ms) -> str:
+    return _f(ms and 1e3 * ms, ".1f") + " us"
+
+
 def format_targets(op: Op, rows: list) -> list:
+    """One line per goal of each Target and row it names: the measured value, then met / MISSED / n/a
+    (n/a: the row, or the row it is compared with, did not run or failed its check)."""
     lines = []
     for t in op.targets:
         for r in rows:
             if r["case"] != t.case or r["provider"] != t.provider or r["mode"] not in t.modes:
                 continue
-            s = r.get("speedup_vs_ref")
-            verdict = "n/a" if s is None else ("met" if s >= t.min_speedup else "MISSED")
-            lines.append(f"  target {t.provider} >= {t.min_speedup:g}x reference on {t.case} {r['mode']}: "
-                         f"{_f(s, '.2f')}x {verdict}")
+            ok = r["status"] == "ok" and bool(r.get("median_ms"))
+            where = f"on {t.case} {r['mode']}"
+            if t.min_speedup is not None:
+                s = r.get("speedup_vs_ref") if ok else None
+                lines.append(_goal(f"{t.provider} >= {t.min_speedup:g}x reference {where}", _x(s),
+                                   s and s >= t.min_speedup))
+            if t.max_us is not None:
+                ms = r["median_ms"] if ok else None
+                lines.append(_goal(f"{t.provider} <= {t.max_us:g} us {where}", _us(ms), ms and 1e3 * ms <= t.max_us))
+            for other in t.faster_than:
+                o = next((o for o in rows if o["case"] == r["case"] and o["provider"] == other
+                          and o["mode"] == r["mode"] and o.get("timing") == r.get("timing")), None)
+                oms = o["median_ms"] if o and o["status"] == "ok" and o.get("median_ms") else None
+                ms = r["median_ms"] if ok and oms else None
+                lines.append(_goal(f"{t.provider} faster than {other} {where}", f"{_us(ms)} vs {_us(oms)}",
+                                   ms and ms < oms))
+            if t.max_ratio is not None:
+                x = r.get("ratio_to_yardstick") if ok else None
+                lines.append(_goal(f"{t.provider} <= {t.max_ratio:g}x {_yardstick(op)} {where}", _x(x),
+                                   x and x <= t.max_ratio))
     return lines
+
+
+def _goal(what: str, value: str, met) -> str:
+    verdict = "n/a" if met is None else ("met" if met else "MISSED")
+    return f"  target {what}: {value} {verdict}"
 
 
 def write_csv(path: str, rows: list) -> None:
@@ -339,16 +416,17 @@ def _csv_value(v):
 
 def plot(path: str, op_name: str, rows: list, title: str, copy_gbps: Optional[float]) -> Optional[str]:
     """Grouped horizontal bars of GB/s per case and provider, one panel per mode, the copy bandwidth as a
-    dashed line. Returns None on success, else why no plot was drawn."""
+    dashed line. Host-timed rows are left out: the GB/s of a host-bound call says nothing of bandwidth.
+    Returns None on success, else why no plot was drawn."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception as e:  # noqa: BLE001
         return f"matplotlib not importable ({_short(e)}): no plot"
-    ok = [r for r in rows if r.get("gbps")]
+    ok = [r for r in rows if r.get("gbps") and r.get("timing", "device") == "device"]
     if not ok:
-        return "no timed rows: no plot"
+        return "no device-timed rows: no plot"
     modes = [m for m in ("fwd", "bwd", "fwd_bwd") if any(r["mode"] == m for r in ok)]
     cases = list(dict.fromkeys(r["case"] for r in ok))
     providers = list(dict.fromkeys(r["provider"] for r in ok))
@@ -364,16 +442,22 @@ def plot(path: str, op_name: str, rows: list, title: str, copy_gbps: Optional[fl
                 if r is not None:
                     ys.append(i + (j - (len(providers) - 1) / 2) * h)
                     xs.append(float(r["gbps"]))
-            ax.barh(ys, xs, height=h, color=cmap(j % 10), label=p)
+            ax.barh(ys, xs, height=h, color=cmap(j % 10))
         if copy_gbps:
-            ax.axvline(float(copy_gbps), color="k", ls="--", lw=1, label="copy bandwidth")
+            ax.axvline(float(copy_gbps), color="k", ls="--", lw=1)
         ax.set_title(mode)
         ax.set_xlabel("GB/s (bytes that must move / median time)")
         ax.set_yticks(range(len(cases)))
         ax.set_yticklabels(cases, fontsize=8)
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    # drawn from proxies: a provider absent from the last panel would otherwise get no (or a wrong) entry
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    handles = [Patch(color=cmap(j % 10), label=p) for j, p in enumerate(providers)]
+    if copy_gbps:
+        handles.append(Line2D([], [], color="k", ls="--", lw=1, label="copy bandwidth"))
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="lower right")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,8 +1,10 @@
 """Timing, the copy-bandwidth yardstick, peak memory and the environment stamp of a run.
 
-GPU: CUDA-event timing through triton.testing.do_bench (it flushes L2 before every call and reports
-quantiles). CPU: torch.utils.benchmark.Timer.blocked_autorange with the process's thread count (the
-Timer's own default is one thread)."""
+Device timing (the default). GPU: CUDA-event timing through triton.testing.do_bench (it flushes L2
+before every call and reports quantiles). CPU: torch.utils.benchmark.Timer.blocked_autorange with the
+process's thread count (the Timer's own default is one thread).
+Host timing (time_host): the wall clock of back-to-back calls, for calls whose host-side cost exceeds
+their kernel time; CUDA events then time the gaps the L2 flush leaves, not what a user waits for."""
 from __future__ import annotations
 
 import datetime
@@ -12,6 +14,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -33,15 +36,19 @@ class Timing:
 @dataclass
 class Budget:
     """How long each measurement runs: GPU warmup / rep in ms (do_bench); CPU: blocked_autorange's
-    min_run_time in s, topped up to at least cpu_min_samples blocks."""
+    min_run_time in s, topped up to at least cpu_min_samples blocks; host timing: host_blocks blocks of
+    back-to-back calls, each at least host_block_s long."""
     gpu_warmup_ms: int = 25
     gpu_rep_ms: int = 100
     cpu_min_run_s: float = 0.5
     cpu_min_samples: int = 5
+    host_block_s: float = 0.02
+    host_blocks: int = 15
 
     @classmethod
     def quick(cls) -> "Budget":
-        return cls(gpu_warmup_ms=10, gpu_rep_ms=40, cpu_min_run_s=0.15, cpu_min_samples=3)
+        return cls(gpu_warmup_ms=10, gpu_rep_ms=40, cpu_min_run_s=0.15, cpu_min_samples=3, host_block_s=0.01,
+                   host_blocks=7)
 
 
 def synchronize(device: str) -> None:
@@ -49,13 +56,14 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_fn(fn: Callable[[], Any], device: str, budget: Budget) -> Timing:
+def time_fn(fn: Callable[[], Any], device: str, budget: Budget, how: str = "device") -> Timing:
+    if how == "host":
+        return time_host(fn, device, budget)
     if device == "cuda":
         import triton.testing
         q = triton.testing.do_bench(fn, warmup=budget.gpu_warmup_ms, rep=budget.gpu_rep_ms,
                                     quantiles=list(QUANTILES))
         return Timing(*q)
-    import numpy as np
     from torch.utils import benchmark as tb
     fn()  # warm-up: first-touch page faults, lazily built autograd graphs, allocator growth
     timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
@@ -63,8 +71,59 @@ def time_fn(fn: Callable[[], Any], device: str, budget: Budget) -> Timing:
     times = list(m.times)  # per-call time of each block, s
     while len(times) < budget.cpu_min_samples:  # slow calls: a few blocks more, for the quantiles
         times += timer.timeit(m.number_per_run).times
-    t = np.asarray(times) * 1e3
+    return _quantiles(times)
+
+
+def _quantiles(times_s: list) -> Timing:
+    import numpy as np
+    t = np.asarray(times_s) * 1e3
     return Timing(float(np.median(t)), float(np.percentile(t, 20)), float(np.percentile(t, 80)))
+
+
+def time_host(fn: Callable[[], Any], device: str, budget: Budget) -> Timing:
+    """Per-call time of eager calls as a user waits for them: n back-to-back calls between two device
+    synchronisations, by the wall clock, divided by n (n large enough that a block lasts host_block_s, so
+    the synchronisation is amortised); host_blocks such blocks give the quantiles."""
+    def block(n: int) -> float:
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as timeit does: a collection inside a block is noise, not the call's cost
+    try:
+        n, t = 1, block(1)  # the first blocks also warm up (allocator, lazily built state)
+        while t < budget.host_block_s and n < 2**20:
+            n = min(2**20, max(2 * n, int(1.2 * n * budget.host_block_s / max(t, 1e-9))))
+            t = block(n)
+        return _quantiles([block(n) / n for _ in range(budget.host_blocks)])
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """fn captured in a torch.cuda.CUDAGraph: returns the replay, which returns the captured call's output
+    (static buffers, rewritten by every replay). fn must not synchronise with the host (capture forbids
+    it) and is called a few times on a side stream first, as torch.cuda.graphs asks: Triton compiles and
+    the caching allocator settles outside the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
 
 
 def peak_memory_mib(fn: Callable[[], Any], device: str) -> Optional[float]:
