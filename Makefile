@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 TORCH_PIN  := torch==2.13.0
 TRITON_PIN := triton==3.8.0
-DEPS := numpy pytest pytest-benchmark ninja setuptools wheel matplotlib transformers==5.17.0
+DEPS := numpy pytest pytest-xdist pytest-benchmark ninja setuptools wheel matplotlib transformers==5.17.0
 
 SYS_HAS_TORCH := $(shell python3 -c "import torch" >/dev/null 2>&1 && echo 1)
 ifeq ($(SYS_HAS_TORCH),1)
@@ -16,14 +16,16 @@ ENV_STAMP := .venv/.stamp-env
 endif
 
 SOURCES := setup.py $(shell find csrc -type f)
-PYTEST_ARGS ?=
+# one test worker per core (pytest-xdist); the GPU session asks for 8 (tools/gpu_session.sh)
+PYTEST_ARGS ?= -n auto
 
 .PHONY: test bench env build cuda-check clean
 
 env: $(ENV_STAMP)
 
-.venv/.stamp-env:
-	python3 -m venv .venv
+# Makefile: a changed DEPS line reinstalls (pip skips what is there)
+.venv/.stamp-env: Makefile
+	test -x .venv/bin/python || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned, so nothing below can pull another one.
 	$(PY) -m pip install -q $(TORCH_PIN)
@@ -42,8 +44,10 @@ env: $(ENV_STAMP)
 build: .stamp-build
 
 # Every .cu must compile for sm_80 and sm_90a with BuildExtension's defines, GPU or not.
+# (the GPU session passes CUDA_CHECK_ARGS="--arch sm_80": its build has just compiled them for sm_90a)
+CUDA_CHECK_ARGS ?=
 cuda-check: $(ENV_STAMP)
-	$(PY) tools/check_cuda.py
+	$(PY) tools/check_cuda.py $(CUDA_CHECK_ARGS)
 
 test: build cuda-check
 	$(PY) -m pytest -q -ra tests $(PYTEST_ARGS)
