@@ -27,7 +27,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def emu_ops():
-    ops = cuda_emulate.load()
+    ops = cuda_emulate.load("rope")
     return (ops.rope.default, ops.rope_.default, ops.rope_qk.default, ops.rope_qk_.default)
 
 

@@ -1,5 +1,6 @@
-"""Compiles every csrc/**/*.cu with nvcc the way BuildExtension would, for sm_80 and sm_90a, into a
-temporary directory: a compile check that needs neither a GPU nor a CUDA build of torch.
+"""Compiles every csrc/**/*.cu (and the test-only tests/cuda/*.cu, which tools/cuda_emulate.py runs
+on the host) with nvcc the way BuildExtension would, for sm_80 and sm_90a, into a temporary
+directory: a compile check that needs neither a GPU nor a CUDA build of torch.
 
     python tools/check_cuda.py                 # all .cu files, both archs
     python tools/check_cuda.py --ptxas-v       # also print ptxas register / spill usage
@@ -74,7 +75,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ptxas-v", action="store_true", help="print ptxas resource usage (-Xptxas -v)")
     ap.add_argument("--arch", action="append", choices=sorted(ARCHS), help="only these arch groups")
-    ap.add_argument("files", nargs="*", help="only these .cu files (default: csrc/**/*.cu)")
+    ap.add_argument("files", nargs="*", help="only these .cu files (default: csrc/**/*.cu, tests/cuda/*.cu)")
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     args = ap.parse_args(argv[:len(argv) - len(extra) - (1 if "--" in argv else 0)])
@@ -82,7 +83,8 @@ def main():
     nvcc = find_nvcc()
     if nvcc is None:
         sys.exit("check_cuda: nvcc not found ($CUDA_HOME/bin, /usr/local/cuda/bin or PATH)")
-    sources = [Path(f).resolve() for f in args.files] or sorted((ROOT / "csrc").rglob("*.cu"))
+    sources = [Path(f).resolve() for f in args.files] or sorted((ROOT / "csrc").rglob("*.cu")) + sorted(
+        (ROOT / "tests" / "cuda").glob("*.cu"))
     if not sources:
         print("check_cuda: no .cu files under csrc/")
         return 0

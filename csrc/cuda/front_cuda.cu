@@ -1,9 +1,7 @@
 // The CUDA build's part of the front layer (csrc/front.h): tells the fronts whether the current stream is
 // capturing a CUDA graph, so that they neither sync with nor copy from the host then.
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
-
 #include "../front.h"
+#include "kx_cuda.cuh"
 
 namespace kxops::front {
 namespace {

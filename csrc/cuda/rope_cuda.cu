@@ -14,11 +14,6 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAException.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <algorithm>
 #include <climits>
@@ -27,6 +22,7 @@
 #include <type_traits>
 
 #include "../rope.h"
+#include "kx_cuda.cuh"
 
 namespace kxops {
 namespace {
@@ -182,13 +178,13 @@ __device__ __forceinline__ auto row_of(const Params<T>& p, const Group& g, int h
 template <int VEC, typename T>
 __device__ __forceinline__ Chunk<T, VEC> load(const T* row, int64_t c, int64_t sd) {
   if constexpr (VEC == 1) return Chunk<T, 1>{{row[c * sd]}};
-  else return *reinterpret_cast<const Chunk<T, VEC>*>(row + c);  // 16-byte aligned: checked on the host
+  else return kx::load_aligned<Chunk<T, VEC>>(row + c);  // 16-byte aligned: checked on the host
 }
 
 template <int VEC, typename T>
 __device__ __forceinline__ void store(T* row, int64_t c, int64_t sd, const Chunk<T, VEC>& x) {
   if constexpr (VEC == 1) row[c * sd] = x.v[0];
-  else *reinterpret_cast<Chunk<T, VEC>*>(row + c) = x;
+  else kx::store_aligned(row + c, x);
 }
 
 // First coordinate of load v of slot `slot`: a rotary slot (slot < nrot) makes NV loads, a
@@ -232,16 +228,15 @@ __device__ __forceinline__ void rotate(Chunk<T, VEC> (&x)[Layout<VEC, INTERLEAVE
     x[0].v[0] = Cvt<T>::from_float(a * k.x - b * k.y);
     x[1].v[0] = Cvt<T>::from_float(a * k.y + b * k.x);
   } else {
-    const float4* cs4 = reinterpret_cast<const float4*>(cs);  // (cos, sin) of two pairs
 #pragma unroll
-    for (int w = 0; w < VEC / 2; ++w) {
+    for (int w = 0; w < VEC / 2; ++w) {  // a float4 of cs: (cos, sin) of two pairs
       if constexpr (INTERLEAVED) {  // word w is pair w
-        const float4 k4 = cs4[w / 2];
+        const float4 k4 = kx::load_aligned<float4>(cs + w / 2 * 2);
         const float2 k = w % 2 == 0 ? make_float2(k4.x, k4.y) : make_float2(k4.z, k4.w);
         const float2 f = Pair<T>::to_float2(x[0].v[w]);
         x[0].v[w] = Pair<T>::from_float2(make_float2(f.x * k.x - f.y * k.y, f.x * k.y + f.y * k.x));
       } else {  // word w of x[0] / x[1]: first / second coordinates of pairs 2w and 2w+1
-        const float4 k = cs4[w];
+        const float4 k = kx::load_aligned<float4>(cs + 2 * w);
         const float2 a = Pair<T>::to_float2(x[0].v[w]), b = Pair<T>::to_float2(x[1].v[w]);
         x[0].v[w] = Pair<T>::from_float2(make_float2(a.x * k.x - b.x * k.y, a.y * k.z - b.y * k.w));
         x[1].v[w] = Pair<T>::from_float2(make_float2(a.x * k.y + b.x * k.x, a.y * k.w + b.y * k.z));
@@ -344,14 +339,8 @@ Operand<T> make_operand(const at::Tensor& in, const at::Tensor& out) {
   return o;
 }
 
-int num_sms() {
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return n;
-}
-
 template <typename T, int VEC, bool INTERLEAVED>
-void launch(Params<T> p, int64_t head_dim, bool copy, cudaStream_t stream) {
+void launch(Params<T> p, int64_t head_dim, bool copy, int sms, cudaStream_t stream) {
   constexpr int PPS = Layout<VEC, INTERLEAVED>::PPS;
   const int64_t nrot = p.rotary_dim / 2 / PPS;
   const int64_t nslot = nrot + (copy ? (head_dim - p.rotary_dim) / VEC : 0);
@@ -364,14 +353,14 @@ void launch(Params<T> p, int64_t head_dim, bool copy, cudaStream_t stream) {
   // About kUnroll items per thread per token group, so that a thread's loads go out together.
   int64_t tok = static_cast<int64_t>(ny) * kUnroll / heads;
   // ... but fewer tokens per block when that leaves SMs idle (decoding: few tokens, many heads).
-  const int64_t fill = p.ntok / (2 * static_cast<int64_t>(num_sms()));
+  const int64_t fill = p.ntok / (2 * static_cast<int64_t>(sms));
   tok = std::max<int64_t>(1, std::min<int64_t>({tok, fill, kMaxTok, kSmemBytes / tok_bytes}));
   p.tok = static_cast<int>(tok);
   p.nrot = static_cast<int>(nrot);
   p.nslot = static_cast<int>(nslot);
   p.chunk = chunk;
   p.ngroups = (p.ntok + tok - 1) / tok;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(p.ngroups, INT_MAX)), static_cast<unsigned>(nchunks));
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(p.ngroups, kx::max_grid_x())), static_cast<unsigned>(nchunks));
   const dim3 block(nx, ny);
   rope_kernel<T, VEC, INTERLEAVED><<<grid, block, tok * tok_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -402,13 +391,14 @@ void run(const at::Tensor& q, const at::Tensor& q_out, const at::Tensor* k, cons
   const bool use_vec = (interleaved ? rotary_dim % vec == 0 : (rotary_dim / 2) % vec == 0) &&
                        (!copy || (D - rotary_dim) % vec == 0) && vec_ok(q, vec) && vec_ok(q_out, vec) &&
                        (!k || (vec_ok(*k, vec) && vec_ok(*k_out, vec)));
+  const int sms = kx::num_sms(q.get_device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (use_vec) {
-    if (interleaved) launch<T, vec, true>(p, D, copy, stream);
-    else launch<T, vec, false>(p, D, copy, stream);
+    if (interleaved) launch<T, vec, true>(p, D, copy, sms, stream);
+    else launch<T, vec, false>(p, D, copy, sms, stream);
   } else {
-    if (interleaved) launch<T, 1, true>(p, D, copy, stream);
-    else launch<T, 1, false>(p, D, copy, stream);
+    if (interleaved) launch<T, 1, true>(p, D, copy, sms, stream);
+    else launch<T, 1, false>(p, D, copy, sms, stream);
   }
 }
 

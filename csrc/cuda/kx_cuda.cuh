@@ -1,0 +1,101 @@
+// What a family's kernels (csrc/cuda/<family>_cuda.cu) include: the CUDA runtime, c10's CUDA stream,
+// guard and error checks, and the few helpers through which a kernel reaches what CI checks on the
+// host. tools/cuda_emulate.py compiles a .cu that keeps to its conventions (listed there) with a host
+// compiler, with KXOPS_CUDA_EMULATION defined and its prelude (namespace kx_emu) in front of the file;
+// on the GPU the helpers are the plain code they would be written as.
+#pragma once
+#if !defined(KXOPS_CUDA_EMULATION)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#endif
+#include <c10/util/Exception.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <atomic>
+#include <climits>
+#include <cstdint>
+
+namespace kx {
+
+constexpr unsigned kFullMask = 0xffffffffu;  // every lane of a warp
+
+// One access of sizeof(V) bytes (16: LDG.128 / STG.128) at p, which must be aligned to alignof(V):
+// the host code checks that before it picks a vector path. A misaligned address is a sticky CUDA
+// error on the GPU and an exception in emulation.
+template <typename V, typename T>
+__device__ __forceinline__ V load_aligned(const T* p) {
+#if defined(KXOPS_CUDA_EMULATION)
+  kx_emu::check_aligned(p, alignof(V), "kx::load_aligned");
+#endif
+  return *reinterpret_cast<const V*>(p);
+}
+
+template <typename V, typename T>
+__device__ __forceinline__ void store_aligned(T* p, const V& v) {
+#if defined(KXOPS_CUDA_EMULATION)
+  kx_emu::check_aligned(p, alignof(V), "kx::store_aligned");
+#endif
+  *reinterpret_cast<V*>(p) = v;
+}
+
+// Most blocks a grid-stride kernel puts in gridDim.x. Emulation: $KXOPS_EMU_GRID_CAP, so that a test
+// with a few blocks' worth of work already walks the loop.
+inline int64_t max_grid_x() {
+#if defined(KXOPS_CUDA_EMULATION)
+  return kx_emu::grid_cap();
+#else
+  return INT_MAX;
+#endif
+}
+
+// Multiprocessors of `device` (-1: the current one), asked of the driver once per device: launch
+// heuristics call this on every op call, and decoding makes many small calls.
+inline int num_sms(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices] = {};
+  if (device < 0) device = c10::cuda::current_device();
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "kx::num_sms: device index ", device, " out of range");
+  int n = cache[device].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    cache[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+struct Sum {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct Max {  // NaN wins, as in torch.max
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const { return (a > b || a != a) ? a : b; }
+};
+
+// op over the 32 lanes of a warp, the result in every lane; all 32 lanes must call it.
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+// op over the whole block, the result in every thread; every thread must call it, and the block must
+// be whole warps. scratch: 32 T of shared memory, free again when the call returns.
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, Op op, T* scratch) {
+  const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+  const int nwarps = blockDim.x * blockDim.y * blockDim.z / 32;
+  v = warp_reduce(v, op);
+  if (tid % 32 == 0) scratch[tid / 32] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < nwarps; ++w) v = op(v, scratch[w]);
+  __syncthreads();
+  return v;
+}
+
+}  // namespace kx
