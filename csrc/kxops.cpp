@@ -55,6 +55,17 @@ PyObject* PyInit__C(void) {
   "Tensor? positions, float base, Tensor? inv_freq, int? rotary_dim, bool interleaved, "             \
   "str axis_layout, int[]? sections, Tensor? offsets, int? offset, Tensor? cu_seqlens, str backend"
 
+// Linear attention (docs/linear_attention_kernel_contract.md): kernel ops on normalised arguments (CPU,
+// CUDA; Triton as kxops::linear_attention*_triton), their reference, and the fronts.
+#define KX_LA_ARGS                                                                                    \
+  "Tensor? cu_seqlens, Tensor? positions, Tensor? inv_freq, bool interleaved, int feature_map, "      \
+  "float scale, bool normalize, float eps, bool causal"
+#define KX_LA_STEP_ARGS "int feature_map, float scale, bool normalize, float eps"
+// The public function's arguments (feature_map by name, scale None: Dk ** -0.5).
+#define KX_LA_FRONT_ARGS                                                                              \
+  "bool causal, str feature_map, bool normalize, float eps, float? scale, Tensor? S0, Tensor? z0, "   \
+  "Tensor? cu_seqlens, bool rope, float rope_base, Tensor? positions, bool interleaved, str backend"
+
 TORCH_LIBRARY(kxops, m) {
   m.def("rope(Tensor x, " KX_ROPE_ARGS ") -> Tensor");
   m.def("rope_(Tensor(a!) x, " KX_ROPE_ARGS ") -> ()");
@@ -68,4 +79,18 @@ TORCH_LIBRARY(kxops, m) {
   m.def("rope_front_(Tensor(a!) x, " KX_ROPE_FRONT_ARGS ") -> ()");
   m.def("rope_qk_front(Tensor q, Tensor k, " KX_ROPE_FRONT_ARGS ") -> (Tensor, Tensor)");
   m.def("rope_qk_front_(Tensor(a!) q, Tensor(b!) k, " KX_ROPE_FRONT_ARGS ") -> ()");
+
+  m.def("linear_attention(Tensor q, Tensor k, Tensor v, Tensor? S0, Tensor? z0, " KX_LA_ARGS
+        ") -> (Tensor, Tensor, Tensor)");
+  m.def("linear_attention_backward(Tensor dout, Tensor? dS, Tensor? dz, Tensor q, Tensor k, Tensor v, "
+        "Tensor? S0, Tensor? z0, " KX_LA_ARGS ") -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_attention_step(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, " KX_LA_STEP_ARGS
+        ") -> (Tensor, Tensor, Tensor)");
+  m.def("linear_attention_reference(Tensor q, Tensor k, Tensor v, Tensor? S0, Tensor? z0, " KX_LA_ARGS
+        ") -> (Tensor, Tensor, Tensor)");
+  m.def("linear_attention_step_reference(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, " KX_LA_STEP_ARGS
+        ") -> (Tensor, Tensor, Tensor)");
+  m.def("linear_attention_front(Tensor q, Tensor k, Tensor v, " KX_LA_FRONT_ARGS ") -> (Tensor, Tensor, Tensor)");
+  m.def("linear_attention_step_front(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, str feature_map, "
+        "bool normalize, float eps, float? scale, str backend) -> (Tensor, Tensor, Tensor)");
 }
