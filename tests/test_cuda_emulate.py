@@ -116,13 +116,49 @@ def test_misaligned_vector_load_raises(ops):
 
 
 @needs_headers
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["rr", "cr", "rc", "cc"], ids=["A-B", "At-B", "A-Bt", "At-Bt"])
+@pytest.mark.parametrize("shape", [(16, 16, 16), (48, 32, 80)], ids=["16x16x16", "48x32x80"])
+def test_wmma_gemm(ops, shape, layout, dtype):
+    # nvcuda::wmma: fragments of A (shared memory) and B (global memory), row- or column-major,
+    # mma_sync accumulating over K, elementwise x[i], an accumulator loaded from and stored to memory
+    # in either layout. Products of 16-bit values are exact in float: the result is torch's float GEMM
+    # up to the order of the float additions.
+    M, N, K = shape
+    a, b = torch.randn(M, K).to(dtype), torch.randn(K, N).to(dtype)
+    c = torch.randn(M, N)
+    a_col, b_col = layout[0] == "c", layout[1] == "c"
+    aa = a.t().contiguous() if a_col else a
+    bb = b.t().contiguous() if b_col else b
+    expected = 0.5 * (a.double() @ b.double()) + c.double()
+    out = ops.wmma_gemm(aa, bb, c, 0.5, a_col, b_col, False)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=K * 2e-6 * expected.abs().max().item())
+    out_t = ops.wmma_gemm(aa, bb, c, 0.5, a_col, b_col, True)
+    assert torch.equal(out_t.t(), out)
+
+
+@needs_headers
+def test_wmma_without_syncwarp_gives_a_wrong_result(ops):
+    # a lane's load_matrix_sync takes the elements it owns when it arrives: staged by other lanes that
+    # have not run yet (no __syncwarp), they are still the poison
+    a, b = torch.randn(32, 32).half(), torch.randn(32, 32).half()
+    c = torch.zeros(32, 32)
+    out = ops.wmma_gemm(a, b, c, 1.0, False, False, False, False)
+    assert not torch.allclose(out, a.float() @ b.float())
+
+
+@needs_headers
 @pytest.mark.parametrize("what, message", [
     (0, r"threads 0\.\.15: wait in __syncthreads at emulate_selftest\.cu:\d+\n  threads 16\.\.31: returned"),
     (1, r"threads 0\.\.15: wait in __shfl_xor_sync at emulate_selftest\.cu:\d+ with mask 0xffffffff\n"
         r"  threads 16\.\.31: returned"),
     (3, r"invalid configuration argument: block \(2048, 1, 1\)"),
     (4, r"65536 bytes of dynamic shared memory"),
-], ids=["early-return-before-syncthreads", "shuffle-in-half-a-warp", "block-too-large", "smem-without-opt-in"])
+    (5, r"threads 0\.\.15: wait in wmma::load_matrix_sync at emulate_selftest\.cu:\d+ with mask 0xffffffff\n"
+        r"  threads 16\.\.31: returned"),
+    (6, r"wmma::load_matrix_sync: address 0x[0-9a-f]+ is not 32-byte aligned"),
+], ids=["early-return-before-syncthreads", "shuffle-in-half-a-warp", "block-too-large", "smem-without-opt-in",
+        "wmma-in-half-a-warp", "wmma-misaligned"])
 def test_misuse_raises(ops, what, message):
     with pytest.raises(RuntimeError, match=message):
         ops.misuse(torch.empty(0), what)

@@ -13,9 +13,11 @@ heuristics. Arithmetic is the host's (no FMA contraction, glibc's expf for __exp
 the GPU to rounding, not bit for bit.
 
 How a launch runs: its blocks one after another; a block's threads are fibers on the calling thread
-that switch only at __syncthreads and warp operations. Each warp runs as far as it can before the
-next one starts, in thread order up to one __syncthreads and in reverse order up to the next, so a
-missing barrier makes a thread read shared memory before it is written or after it is overwritten.
+that switch only at __syncthreads and warp operations (on x86-64 by a register-and-stack swap of a few
+ns; elsewhere by ucontext, whose signal-mask system call per switch dominates a launch). Each warp
+runs as far as it can before the next one starts, in thread order up to one __syncthreads and in
+reverse order up to the next, so a missing barrier makes a thread read shared memory before it is
+written or after it is overwritten.
 Shared memory starts every block as 0x7fffffff words (NaN in float, double, half, bfloat16; INT_MAX in
 int32). Tensors from at::empty / empty_like / empty_strided start as NaN (floating point), the type's
 largest value (integers) or true (bool), so what a kernel leaves unwritten shows.
@@ -25,13 +27,26 @@ Covered:
   CUDA's limits; `kernel<<<grid, block[, smem[, stream]]>>>(args)` for any kernel (template
   arguments given or deduced);
 - shared memory: `extern __shared__ T name[];` (dynamic) and `__shared__ T name[N]...;` (static, in a
-  function), 48 KB a block or up to 227 KB after cudaFuncSetAttribute(kernel,
+  function, `__align__(n)` kept), 48 KB a block or up to 227 KB after cudaFuncSetAttribute(kernel,
   cudaFuncAttributeMaxDynamicSharedMemorySize, n) (in emulation the largest such n holds for all
   kernels);
 - __syncthreads, __syncthreads_count / _and / _or, __syncwarp, __threadfence(_block);
 - warp operations with every lane of the warp (mask = the warp's lanes, kx::kFullMask for a whole
   warp): __shfl_sync, __shfl_up_sync, __shfl_down_sync, __shfl_xor_sync (any type of up to 8 bytes,
   width 1 to 32), __ballot_sync, __any_sync, __all_sync, __reduce_add/min/max_sync;
+- tensor cores through nvcuda::wmma (mma.h, included by kx_cuda.cuh): fragment<matrix_a | matrix_b,
+  m, n, k, __half | __nv_bfloat16, row_major | col_major> and fragment<accumulator, m, n, k, float |
+  __half> for m16n16k16, m32n8k16 and m8n32k16; fill_fragment, load_matrix_sync (mem_row_major /
+  mem_col_major for accumulators), store_matrix_sync, mma_sync, x.num_elements and x.x[i]. CUDA leaves
+  the element-to-lane mapping unspecified; here every lane holds the whole tile (num_elements = the
+  tile's size, element e at row e / cols) and element e belongs to lane e % 32: a load reads, in each
+  lane as it arrives, the elements that lane owns, a store writes them, and mma_sync takes each element
+  from its owner, so a tile staged by other lanes without a __syncwarp, or elementwise code that
+  differs between lanes, gives a wrong result. load, store and mma are warp operations (every lane,
+  same line, same pointer, ldm and layout; a 32-byte aligned pointer and an ldm of a multiple of 16
+  bytes, as CUDA requires). mma_sync: products of 16-bit values are exact in float and are added to C
+  in k order in float; the hardware adds them with at least float precision in its own order, so
+  results agree to float rounding (a __half accumulator is rounded once, at the end);
 - atomicAdd (int, unsigned, unsigned long long, float, double, __half, __nv_bfloat16), atomicSub,
   atomicMax / atomicMin (integers, as in CUDA), atomicExch, atomicCAS, atomicAnd / Or / Xor;
 - intrinsics: __expf, __logf, __log2f, __log10f, __exp10f, __powf, __sinf, __cosf, __tanf, __sincosf,
@@ -44,25 +59,29 @@ Covered:
   cudaFuncSetAttribute, cudaMemsetAsync, cudaMemcpyAsync, cudaGetLastError; `.is_cuda()` and
   at::kCUDA mean CPU;
 - kx_cuda.cuh: kx::load_aligned / store_aligned check the alignment, kx::max_grid_x() is
-  $KXOPS_EMU_GRID_CAP (default INT_MAX), kx::num_sms() is 2.
+  $KXOPS_EMU_GRID_CAP (default INT_MAX), kx::num_sms() is 2, kx::max_smem_optin() is 227 KB or
+  $KXOPS_EMU_SMEM_OPTIN bytes (cudaDeviceGetAttribute and cudaFuncSetAttribute follow it).
 
 Caught, as a RuntimeError naming the block, the thread and the source line: a misaligned kx:: vector
 access; a __syncthreads or warp operation that not every thread of the block or warp reaches (threads
 that returned early included) or that is reached from different lines; a mask other than the warp's
-lanes; shared memory past the limit; a launch configuration the GPU would refuse.
+lanes; a wmma load or store at a misaligned address or ldm, or with another pointer, ldm or layout in
+some lane; shared memory past the limit; a launch configuration the GPU would refuse.
 
 Not covered (such a .cu does not build here, or runs wrong): inline PTX (asm), code that depends on
 __CUDA_ARCH__ (the host branch is compiled), cooperative groups, CUB, Thrust, libcu++ (cuda::barrier,
-cuda::pipeline), async copies (cp.async, memcpy_async), TMA, thread block clusters, tensor cores (WMMA,
-mma, wgmma), textures and surfaces, dynamic parallelism, grid-wide synchronisation or spinning on
-memory another thread or block writes, __activemask and masks of part of a warp, curand and ATen's
-CUDA generators (pass the Philox seed and offset as op arguments), __constant__ memory written by
-cudaMemcpyToSymbol, __launch_bounds__ (ignored), __shared__ declared in included headers. Data races
-are found only as far as the fiber order exposes them; out-of-bounds accesses are not found.
+cuda::pipeline), async copies (cp.async, memcpy_async), TMA, thread block clusters, tensor cores other
+than the nvcuda::wmma subset above (inline mma / wgmma PTX; wmma on tf32, int8, int4, b1 or double),
+the hardware's own accumulation order and rounding inside mma_sync, textures and surfaces, dynamic
+parallelism, grid-wide synchronisation or spinning on memory another thread or block writes,
+__activemask and masks of part of a warp, curand and ATen's CUDA generators (pass the Philox seed and
+offset as op arguments), __constant__ memory written by cudaMemcpyToSymbol, __launch_bounds__
+(ignored), __shared__ declared in included headers. Data races are found only as far as the fiber
+order exposes them; out-of-bounds accesses are not found.
 
 Conventions a .cu keeps, for the emulator and for review:
 1. It includes "kx_cuda.cuh" (CUDA runtime, c10's CUDA stream, guard and error checks, cuda_fp16.h,
-   cuda_bf16.h) and no other CUDA-only header (c10/cuda, ATen/cuda, cuda_runtime.h, cub ...).
+   cuda_bf16.h, mma.h) and no other CUDA-only header (c10/cuda, ATen/cuda, cuda_runtime.h, cub ...).
 2. Vector accesses (wider than one element) go through kx::load_aligned<V> / kx::store_aligned,
    after a host check of the alignment.
 3. A grid-stride kernel caps gridDim.x at kx::max_grid_x(); SM counts come from
@@ -147,18 +166,71 @@ constexpr int kNumSms = 2;
 
 enum Wait { kRun, kWarp, kBlock, kDone };
 
+// Fiber contexts. On x86-64 a switch saves the callee-saved registers on the fiber's own stack and
+// swaps stack pointers (a few ns); glibc's swapcontext also saves the signal mask, a system call per
+// switch, which made emulation switch-bound. Elsewhere: ucontext.
+#if defined(__x86_64__)
+struct Context {
+  void* sp = nullptr;
+};
+
+// Saves the caller's callee-saved registers, MXCSR and x87 control word on its stack, stores its stack
+// pointer in *from, continues on `to` (a stack that such a switch left, or that start_context made).
+__attribute__((naked, noinline)) inline void switch_stack(void** /*from*/, void* /*to*/) {
+  asm volatile(
+      "pushq %rbp\n\tpushq %rbx\n\tpushq %r12\n\tpushq %r13\n\tpushq %r14\n\tpushq %r15\n\t"
+      "subq $8, %rsp\n\tstmxcsr (%rsp)\n\tfnstcw 4(%rsp)\n\t"
+      "movq %rsp, (%rdi)\n\tmovq %rsi, %rsp\n\t"
+      "ldmxcsr (%rsp)\n\tfldcw 4(%rsp)\n\taddq $8, %rsp\n\t"
+      "popq %r15\n\tpopq %r14\n\tpopq %r13\n\tpopq %r12\n\tpopq %rbx\n\tpopq %rbp\n\tret");
+}
+
+inline void swap_context(Context& from, Context& to) { switch_stack(&from.sp, to.sp); }
+
+// A context that, switched to, calls entry() (which must never return) on the stack [base, base + size).
+inline void start_context(Context& c, char* base, size_t size, void (*entry)()) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(base) + size) & ~uintptr_t{15};
+  auto* sp = reinterpret_cast<uint64_t*>(top - 72);  // entry's return slot 16-byte aligned, as after a call
+  uint32_t mxcsr;
+  uint16_t fpcw;
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(mxcsr), "=m"(fpcw));
+  sp[0] = mxcsr | (uint64_t{fpcw} << 32);
+  for (int i = 1; i <= 6; ++i) sp[i] = 0;  // r15, r14, r13, r12, rbx, rbp
+  sp[7] = reinterpret_cast<uint64_t>(entry);
+  sp[8] = 0;                                 // entry's return address: none
+  c.sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+inline void swap_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void start_context(Context& c, char* base, size_t size, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = base;
+  c.uc.uc_stack.ss_size = size;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
+struct Block;
+
 struct Thread {
-  ucontext_t ctx;
+  Context ctx;
   uint3 idx;
   Wait wait = kRun;
   const char* op = "";  // the warp or block operation it waits in
   unsigned mask = 0;
   std::source_location site;
+  // A warp operation whose work is done once for the warp when its lanes are released (wmma):
+  // run on lanes [first, last) with each lane's pending value (a pointer to its arguments).
+  void (*collective)(Block&, int first, int last) = nullptr;
 };
 
 struct Block {
   std::vector<Thread> t;  // by linear thread id: lane = id % 32, warp = id / 32
-  ucontext_t sched;
+  Context sched;
   int cur = -1;           // the running thread; -1 in the scheduler
   unsigned char* smem = nullptr;
   size_t used = 0, limit = 0;
@@ -186,7 +258,7 @@ inline std::string site_str(const std::source_location& s) {
   Block* b = current;
   TORCH_CHECK(b != nullptr && b->cur >= 0, "kx_emu: ", what);
   b->error = what + " (block " + str(blockIdx) + ", thread " + str(threadIdx) + ")";
-  swapcontext(&b->t[b->cur].ctx, &b->sched);
+  swap_context(b->t[b->cur].ctx, b->sched);
   std::abort();  // never resumed
 }
 
@@ -235,13 +307,14 @@ inline at::Tensor empty_strided(at::IntArrayRef size, at::IntArrayRef stride, at
 inline unsigned char* dynamic_smem() { return block_of("extern __shared__").smem; }
 
 // Key: a lambda's type, unique per declaration and per template instantiation, as on the GPU.
-template <typename A, typename Key>
+// Align: the declaration's __align__(n), if any.
+template <typename A, size_t Align, typename Key>
 A& static_smem(Key) {
   static const char key = 0;
   Block& b = block_of("__shared__");
   for (const auto& [k, off] : b.statics)
     if (k == &key) return *reinterpret_cast<A*>(b.smem + off);
-  const size_t align = std::max<size_t>(alignof(A), 16);
+  const size_t align = std::max<size_t>({alignof(A), Align, 16});
   const size_t off = (b.used + align - 1) / align * align;
   if (off + sizeof(A) > b.limit)
     fail("__shared__ variables past " + std::to_string(b.limit) + " bytes of shared memory");
@@ -249,6 +322,13 @@ A& static_smem(Key) {
   b.used = off + sizeof(A);
   b.statics.emplace_back(&key, off);
   return *reinterpret_cast<A*>(b.smem + off);
+}
+
+// The device's opt-in limit: H100's, or $KXOPS_EMU_SMEM_OPTIN bytes (up to H100's), so that a test can
+// run a kernel's choices for a device with less (an A100 has 163 KB).
+inline size_t smem_optin_limit() {
+  const char* v = std::getenv("KXOPS_EMU_SMEM_OPTIN");
+  return v ? std::clamp<size_t>(std::strtoull(v, nullptr, 10), kSmemDefault, kSmemOptin) : kSmemOptin;
 }
 
 inline size_t& smem_optin() {  // the largest cudaFuncAttributeMaxDynamicSharedMemorySize set
@@ -265,7 +345,7 @@ inline void wait_at(Wait w, const char* op, unsigned mask, const std::source_loc
   me.op = op;
   me.mask = mask;
   me.site = site;
-  swapcontext(&me.ctx, &b.sched);
+  swap_context(me.ctx, b.sched);
 }
 
 inline int lanes_of(const Block& b, int id) {  // threads in id's warp
@@ -365,6 +445,10 @@ inline bool release_warp(Block& b, int first, int last) {
   for (int i = first; i < last; ++i)
     if (!same(b.t[i], b.t[first]) || b.t[i].mask != lane_mask(last - first)) divergence(b, first, last);
   std::copy(&b.pending[first], &b.pending[last - 1] + 1, &b.warp_out[first]);
+  if (auto* fn = b.t[first].collective) {
+    for (int i = first; i < last; ++i) b.t[i].collective = nullptr;
+    fn(b, first, last);  // before any lane resumes: every lane's arguments are still live
+  }
   for (int i = first; i < last; ++i) b.t[i].wait = kRun;
   return true;
 }
@@ -389,7 +473,7 @@ inline void fiber_main() {
   }
   Thread& me = b.t[b.cur];
   me.wait = kDone;
-  swapcontext(&me.ctx, &b.sched);
+  swap_context(me.ctx, b.sched);
 }
 
 struct Stacks {  // kept for the next launch
@@ -413,11 +497,7 @@ inline void run_block(Block& b) {
   const int n = static_cast<int>(b.t.size());
   for (int i = 0; i < n; ++i) {
     Thread& t = b.t[i];
-    getcontext(&t.ctx);
-    t.ctx.uc_stack.ss_sp = stacks[i];
-    t.ctx.uc_stack.ss_size = kStack;
-    t.ctx.uc_link = nullptr;
-    makecontext(&t.ctx, &fiber_main, 0);
+    start_context(t.ctx, stacks[i], kStack, &fiber_main);
     t.wait = kRun;
   }
   // Each warp runs as far as it can before the next starts, lane after lane between warp
@@ -434,7 +514,7 @@ inline void run_block(Block& b) {
           if (b.t[i].wait != kRun) continue;
           b.cur = i;
           threadIdx = b.t[i].idx;
-          swapcontext(&b.sched, &b.t[i].ctx);
+          swap_context(b.sched, b.t[i].ctx);
           b.cur = -1;
           TORCH_CHECK(b.error.empty(), "kx_emu: ", b.error);
         }
@@ -508,7 +588,7 @@ inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
   switch (attr) {
     case cudaDevAttrMultiProcessorCount: *value = kNumSms; break;
     case cudaDevAttrMaxSharedMemoryPerBlock: *value = kSmemDefault; break;
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = kSmemOptin; break;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(smem_optin_limit()); break;
     case cudaDevAttrMaxThreadsPerBlock: *value = 1024; break;
     case cudaDevAttrWarpSize: *value = 32; break;
     case cudaDevAttrMaxGridDimX: *value = INT_MAX; break;
@@ -523,7 +603,7 @@ inline cudaError_t device_get_attribute(int* value, cudaDeviceAttr attr, int) {
 template <typename F>
 cudaError_t func_set_attribute(F*, cudaFuncAttribute attr, int value) {
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || size_t(value) > kSmemOptin) return cudaErrorInvalidValue;
+    if (value < 0 || size_t(value) > smem_optin_limit()) return cudaErrorInvalidValue;
     smem_optin() = std::max(smem_optin(), size_t(value));
   }
   return cudaSuccess;
@@ -758,6 +838,222 @@ std::common_type_t<A, B> max(A a, B b) {
   if constexpr (std::is_floating_point_v<C>) return std::fmax(C(a), C(b));
   else return C(a) < C(b) ? C(b) : C(a);
 }
+
+// ---- tensor cores: nvcuda::wmma ----
+// A fragment holds its whole tile in every lane (num_elements = rows * cols, element e at row
+// e / cols, column e % cols): CUDA leaves the element-to-lane mapping unspecified, so code that
+// keeps to the API cannot tell. Element e "belongs" to lane e % 32: load_matrix_sync reads in each
+// lane, when it arrives, only the elements it owns, store_matrix_sync writes only those, and a
+// lane's elements are what mma_sync and the next load take from it; when the warp is released every
+// lane gets the assembled tile. So a lane that reads a tile other lanes have yet to write sees the
+// poison, and elementwise code (x[i]) that differs between lanes shows.
+namespace kx_emu::wmma_impl {
+
+template <typename T>
+float to_float(T v) {
+  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
+  else return static_cast<float>(v);
+}
+
+template <typename T>
+T from_float(float v) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half_rn(v);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16_rn(v);
+  else return static_cast<T>(v);
+}
+
+[[noreturn]] inline void warp_error(const Block& b, int first, const std::string& what) {
+  TORCH_CHECK(false, "kx_emu: block ", str(blockIdx), ", warp ", first / 32, ": ", what, " at ",
+              site_str(b.t[first].site));
+}
+
+inline void full_warp(const Block& b, int first, int last, const char* op) {
+  if (last - first != 32) warp_error(b, first, std::string(op) + " needs a warp of 32 threads");
+}
+
+template <typename Frag>
+void check_access(const void* p, unsigned ldm, const char* op) {
+  using T = typename Frag::storage_element_type;
+  check_aligned(p, 32, op);  // mptr: 256-bit aligned
+  if (ldm * sizeof(T) % 16 != 0)
+    fail(std::string(op) + ": ldm " + std::to_string(ldm) + " is not a multiple of " + std::to_string(16 / sizeof(T)) +
+         " elements (16 bytes)");
+}
+
+template <typename Frag, typename T>
+struct Access {  // a lane's arguments of a load or store
+  Frag* frag;
+  T* ptr;
+  unsigned ldm;
+  bool col;  // the memory holds the tile column-major
+};
+
+// Offset in memory of fragment element e.
+template <typename Frag>
+size_t offset(int e, unsigned ldm, bool col) {
+  const int r = e / Frag::kCols, c = e % Frag::kCols;
+  return col ? size_t(c) * ldm + r : size_t(r) * ldm + c;
+}
+
+template <typename Frag, typename T>
+void same_access(const Block& b, int first, int last, const char* op) {
+  const auto* a0 = reinterpret_cast<const Access<Frag, T>*>(b.pending[first]);
+  for (int i = first + 1; i < last; ++i) {
+    const auto* a = reinterpret_cast<const Access<Frag, T>*>(b.pending[i]);
+    if (a->ptr != a0->ptr || a->ldm != a0->ldm || a->col != a0->col)
+      warp_error(b, first, std::string(op) + ": lanes " + std::to_string(first % 32) + " and " +
+                               std::to_string(i % 32) + " pass a different pointer, ldm or layout");
+  }
+}
+
+// Every lane gets element e from its owner, lane e % 32.
+template <typename Frag>
+void assemble(Frag* const* frags) {
+  typename Frag::storage_element_type tile[Frag::num_elements];
+  for (int e = 0; e < Frag::num_elements; ++e) tile[e] = frags[e % 32]->x[e];
+  for (int l = 0; l < 32; ++l) std::copy(tile, tile + Frag::num_elements, frags[l]->x);
+}
+
+template <typename Frag, typename T>
+void load_collective(Block& b, int first, int last) {
+  full_warp(b, first, last, "wmma::load_matrix_sync");
+  same_access<Frag, T>(b, first, last, "wmma::load_matrix_sync");
+  Frag* frags[32];
+  for (int l = 0; l < 32; ++l) frags[l] = reinterpret_cast<Access<Frag, T>*>(b.pending[first + l])->frag;
+  assemble(frags);
+}
+
+template <typename Frag, typename T>
+void store_collective(Block& b, int first, int last) {
+  full_warp(b, first, last, "wmma::store_matrix_sync");
+  same_access<Frag, T>(b, first, last, "wmma::store_matrix_sync");
+}
+
+template <typename FD, typename FA, typename FB, typename FC>
+struct MmaArgs {
+  FD* d;
+  const FA* a;
+  const FB* b;
+  const FC* c;
+};
+
+// D = A B + C: products of 16-bit values are exact in float; they are added to C in k order in
+// float (the hardware adds them with at least float precision, in its own order).
+template <typename FD, typename FA, typename FB, typename FC>
+void mma_collective(Block& blk, int first, int last) {
+  full_warp(blk, first, last, "wmma::mma_sync");
+  constexpr int M = FA::kRows, K = FA::kCols, N = FB::kCols;
+  float A[M * K], B[K * N], D[M * N];
+  const MmaArgs<FD, FA, FB, FC>* lane[32];
+  for (int l = 0; l < 32; ++l) lane[l] = reinterpret_cast<const MmaArgs<FD, FA, FB, FC>*>(blk.pending[first + l]);
+  for (int e = 0; e < M * K; ++e) A[e] = to_float(lane[e % 32]->a->x[e]);
+  for (int e = 0; e < K * N; ++e) B[e] = to_float(lane[e % 32]->b->x[e]);
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float acc = to_float(lane[(i * N + j) % 32]->c->x[i * N + j]);
+      for (int k = 0; k < K; ++k) acc += A[i * K + k] * B[k * N + j];
+      D[i * N + j] = acc;
+    }
+  for (int l = 0; l < 32; ++l)
+    for (int e = 0; e < M * N; ++e) lane[l]->d->x[e] = from_float<typename FD::storage_element_type>(D[e]);
+}
+
+// Brings a lane's arguments to the warp operation `op`; fn does its work once all lanes are there.
+inline void sync(const void* args, void (*fn)(Block&, int, int), const char* op, const std::source_location& s) {
+  Block& b = block_of(op);
+  b.t[b.cur].collective = fn;
+  warp_sync(reinterpret_cast<uint64_t>(args), op, lane_mask(lanes_of(b, b.cur)), s);
+}
+
+// A lane's part of load_matrix_sync: the elements it owns, now; the rest when the warp is there.
+template <typename Frag, typename T>
+void load(Frag& f, const T* p, unsigned ldm, bool col, const std::source_location& s) {
+  check_access<Frag>(p, ldm, "wmma::load_matrix_sync");
+  for (int e = ::kx_emu::lane(); e < Frag::num_elements; e += 32) f.x[e] = p[offset<Frag>(e, ldm, col)];
+  Access<Frag, const T> a{&f, p, ldm, col};
+  sync(&a, &load_collective<Frag, const T>, "wmma::load_matrix_sync", s);
+}
+
+}  // namespace kx_emu::wmma_impl
+
+namespace nvcuda::wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int m, int n, int k, typename T, typename Layout = void>
+class fragment {
+  static_assert((m == 16 && n == 16 && k == 16) || (m == 32 && n == 8 && k == 16) || (m == 8 && n == 32 && k == 16),
+                "kx_emu: wmma shapes m16n16k16, m32n8k16 and m8n32k16 are emulated");
+  static_assert(std::is_same_v<Use, accumulator> ? (std::is_same_v<T, float> || std::is_same_v<T, __half>)
+                                                 : (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>),
+                "kx_emu: wmma on __half and __nv_bfloat16 with float or __half accumulators is emulated");
+  static_assert(std::is_same_v<Use, accumulator> == std::is_same_v<Layout, void>,
+                "wmma: matrix_a and matrix_b fragments take row_major or col_major, accumulators no layout");
+
+ public:
+  using element_type = T;
+  using storage_element_type = T;
+  static constexpr int kRows = std::is_same_v<Use, matrix_b> ? k : m;
+  static constexpr int kCols = std::is_same_v<Use, matrix_a> ? k : n;
+  static constexpr bool kColMajor = std::is_same_v<Layout, col_major>;
+  static constexpr int num_elements = kRows * kCols;
+  T x[num_elements];
+};
+
+template <typename Use, int m, int n, int k, typename T, typename L, typename V>
+void fill_fragment(fragment<Use, m, n, k, T, L>& f, const V& v) {
+  for (auto& e : f.x) {
+    if constexpr (std::is_same_v<V, T>) e = v;
+    else e = ::kx_emu::wmma_impl::from_float<T>(static_cast<float>(v));
+  }
+}
+
+template <typename Use, int m, int n, int k, typename T, typename L>
+void load_matrix_sync(fragment<Use, m, n, k, T, L>& f, const T* p, unsigned ldm,
+                      std::source_location s = std::source_location::current()) {
+  static_assert(!std::is_same_v<Use, accumulator>, "wmma: an accumulator load takes a layout_t");
+  ::kx_emu::wmma_impl::load(f, p, ldm, fragment<Use, m, n, k, T, L>::kColMajor, s);
+}
+
+template <int m, int n, int k, typename T>
+void load_matrix_sync(fragment<accumulator, m, n, k, T>& f, const T* p, unsigned ldm, layout_t layout,
+                      std::source_location s = std::source_location::current()) {
+  ::kx_emu::wmma_impl::load(f, p, ldm, layout == mem_col_major, s);
+}
+
+template <int m, int n, int k, typename T>
+void store_matrix_sync(T* p, const fragment<accumulator, m, n, k, T>& f, unsigned ldm, layout_t layout,
+                       std::source_location s = std::source_location::current()) {
+  using Frag = fragment<accumulator, m, n, k, T>;
+  namespace w = ::kx_emu::wmma_impl;
+  w::check_access<Frag>(p, ldm, "wmma::store_matrix_sync");
+  const bool col = layout == mem_col_major;
+  const int lane = ::kx_emu::lane();
+  for (int e = lane; e < Frag::num_elements; e += 32) p[w::offset<Frag>(e, ldm, col)] = f.x[e];
+  w::Access<Frag, T> a{const_cast<Frag*>(&f), p, ldm, col};
+  w::sync(&a, &w::store_collective<Frag, T>, "wmma::store_matrix_sync", s);
+}
+
+template <int m, int n, int k, typename TA, typename LA, typename LB, typename TC, typename TD>
+void mma_sync(fragment<accumulator, m, n, k, TD>& d, const fragment<matrix_a, m, n, k, TA, LA>& a,
+              const fragment<matrix_b, m, n, k, TA, LB>& b, const fragment<accumulator, m, n, k, TC>& c,
+              std::source_location s = std::source_location::current()) {
+  using FD = fragment<accumulator, m, n, k, TD>;
+  using FA = fragment<matrix_a, m, n, k, TA, LA>;
+  using FB = fragment<matrix_b, m, n, k, TA, LB>;
+  using FC = fragment<accumulator, m, n, k, TC>;
+  namespace w = ::kx_emu::wmma_impl;
+  w::MmaArgs<FD, FA, FB, FC> args{&d, &a, &b, &c};
+  w::sync(&args, &w::mma_collective<FD, FA, FB, FC>, "wmma::mma_sync", s);
+}
+
+}  // namespace nvcuda::wmma
 // ---- end of the prelude ----
 '''
 
@@ -908,6 +1204,7 @@ def _edits(text: str, masked: str, path: str):
             start += line.end()  # a preprocessor line before the declaration
         start += len(masked[start:]) - len(masked[start:].lstrip())
         end = masked.index(";", m.end()) + 1
+        align = re.search(r"__align__\s*\(\s*(\d+)\s*\)", masked[start:end - 1])
         decl = re.sub(r"__align__\s*\(\s*\d+\s*\)|\b(?:static|__shared__)\b", " ", masked[start:end - 1])
         extern = re.match(r"\s*extern\b", decl)
         d = re.fullmatch(r"(.+?)\s*\b([A-Za-z_]\w*)\s*((?:\[[^\]]*\])*)\s*", decl[extern.end():] if extern else decl, re.S)
@@ -919,7 +1216,7 @@ def _edits(text: str, masked: str, path: str):
                            "extern __shared__ T name[] for dynamic shared memory")
         ty, name = " ".join(d.group(1).split()), d.group(2)
         new = (f"{ty}* const {name} = reinterpret_cast<{ty}*>(::kx_emu::dynamic_smem());" if extern else
-               f"auto& {name} = ::kx_emu::static_smem<{ty}{d.group(3)}>([] {{}});")
+               f"auto& {name} = ::kx_emu::static_smem<{ty}{d.group(3)}, {align.group(1) if align else 16}>([] {{}});")
         edits.append((start, end, _same_lines(text[start:end], new)))
 
     for pat, new in ((r"(?<=[.>])is_cuda\s*\(\s*\)", "is_cpu()"), (r"\b(?:at|c10|torch)::kCUDA\b", "at::kCPU"),

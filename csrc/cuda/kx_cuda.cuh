@@ -1,14 +1,16 @@
 // What a family's kernels (csrc/cuda/<family>_cuda.cu) include: the CUDA runtime, c10's CUDA stream,
-// guard and error checks, and the few helpers through which a kernel reaches what CI checks on the
-// host. tools/cuda_emulate.py compiles a .cu that keeps to its conventions (listed there) with a host
-// compiler, with KXOPS_CUDA_EMULATION defined and its prelude (namespace kx_emu) in front of the file;
-// on the GPU the helpers are the plain code they would be written as.
+// guard and error checks, tensor cores through nvcuda::wmma (mma.h), and the few helpers through which
+// a kernel reaches what CI checks on the host. tools/cuda_emulate.py compiles a .cu that keeps to its
+// conventions (listed there) with a host compiler, with KXOPS_CUDA_EMULATION defined and its prelude
+// (namespace kx_emu) in front of the file; on the GPU the helpers are the plain code they would be
+// written as.
 #pragma once
 #if !defined(KXOPS_CUDA_EMULATION)
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
+#include <mma.h>  // nvcuda::wmma (emulation: the prelude's)
 #endif
 #include <c10/util/Exception.h>
 #include <cuda_bf16.h>
@@ -51,19 +53,33 @@ inline int64_t max_grid_x() {
 #endif
 }
 
-// Multiprocessors of `device` (-1: the current one), asked of the driver once per device: launch
+// A device attribute of `device` (-1: the current one), asked of the driver once per device: launch
 // heuristics call this on every op call, and decoding makes many small calls.
-inline int num_sms(int device) {
+template <cudaDeviceAttr kAttr>
+inline int device_attribute(int device) {
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices] = {};
   if (device < 0) device = c10::cuda::current_device();
-  TORCH_CHECK(device >= 0 && device < kMaxDevices, "kx::num_sms: device index ", device, " out of range");
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "kx::device_attribute: device index ", device, " out of range");
   int n = cache[device].load(std::memory_order_relaxed);
   if (n == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, kAttr, device));
     cache[device].store(n, std::memory_order_relaxed);
   }
   return n;
+}
+
+// Multiprocessors of `device`.
+inline int num_sms(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device); }
+
+// Most dynamic shared memory one block may opt in to (cudaFuncAttributeMaxDynamicSharedMemorySize)
+// on `device`: 227 KB on an H100, 163 KB on an A100.
+inline int max_smem_optin(int device) {
+#if defined(KXOPS_CUDA_EMULATION)
+  return static_cast<int>(kx_emu::smem_optin_limit());  // uncached: tests change it
+#else
+  return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device);
+#endif
 }
 
 struct Sum {

@@ -8,6 +8,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../../csrc/cuda/kx_cuda.cuh"
 
@@ -138,10 +139,49 @@ __global__ void copy_even_kernel(const float* x, int64_t n, float* out, int* ind
   }
 }
 
+// out = alpha * (A B) + C on tensor cores: A (M, K) and B (K, N) in half or bfloat16, each stored
+// row-major or as its transpose (ACOL: a is A^T, (K, M), read as col_major fragments); C float (M, N);
+// out float, (M, N), or its transpose when out_col. One warp per 16x16 tile of out: A's tiles go
+// through shared memory, each lane staging 8 consecutive elements (so that a missing __syncwarp
+// shows: the fragment's elements belong to other lanes), B's tiles come from global memory.
+template <typename T, bool ACOL, bool BCOL>
+__global__ void wmma_gemm_kernel(const T* a, const T* b, const float* c, float* out, int M, int N, int K,
+                                 float alpha, bool out_col, bool stage_sync) {
+  using namespace nvcuda;
+  __shared__ __align__(32) T stage[2][16 * 16];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int tiles_n = N / 16, tile = blockIdx.x * 2 + warp;
+  if (tile >= M / 16 * tiles_n) return;  // a whole warp: no block-wide barrier follows
+  const int i = tile / tiles_n, j = tile % tiles_n;
+  using LA = std::conditional_t<ACOL, wmma::col_major, wmma::row_major>;
+  using LB = std::conditional_t<BCOL, wmma::col_major, wmma::row_major>;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc, cf;
+  wmma::fill_fragment(acc, 0.0f);
+  for (int k = 0; k < K; k += 16) {
+    for (int e = 8 * lane; e < 8 * lane + 8; ++e) {  // the tile as stored: 16 rows of 16
+      const int r = e / 16, cc = e % 16;
+      stage[warp][e] = ACOL ? a[(k + r) * M + i * 16 + cc] : a[(i * 16 + r) * K + k + cc];
+    }
+    if (stage_sync) __syncwarp();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
+    wmma::load_matrix_sync(fa, stage[warp], 16);
+    wmma::load_matrix_sync(fb, BCOL ? b + j * 16 * K + k : b + k * N + j * 16, BCOL ? K : N);
+    wmma::mma_sync(acc, fa, fb, acc);
+    __syncwarp();  // the next k overwrites the stage
+  }
+  wmma::load_matrix_sync(cf, c + i * 16 * N + j * 16, N, wmma::mem_row_major);
+  for (int e = 0; e < acc.num_elements; ++e) acc.x[e] = alpha * acc.x[e] + cf.x[e];
+  if (out_col) wmma::store_matrix_sync(out + j * 16 * M + i * 16, acc, M, wmma::mem_col_major);
+  else wmma::store_matrix_sync(out + i * 16 * N + j * 16, acc, N, wmma::mem_row_major);
+}
+
 // Mistakes emulation must catch. what: 0 = threads return before a __syncthreads, 1 = a shuffle
-// in half a warp, 2 = shared memory read before it is written.
+// in half a warp, 2 = shared memory read before it is written, 5 = a wmma load in half a warp,
+// 6 = a wmma load from an address that is not 32-byte aligned.
 __global__ void misuse_kernel(int what, float* out) {
   __shared__ float never_written[32];
+  __shared__ __align__(32) __half tile[16 * 24];
   const int lane = threadIdx.x % 32;
   float v = lane;
   if (what == 0) {
@@ -149,6 +189,13 @@ __global__ void misuse_kernel(int what, float* out) {
     __syncthreads();
   } else if (what == 1) {
     if (lane < 16) v = __shfl_xor_sync(kx::kFullMask, v, 1);
+  } else if (what == 5 || what == 6) {
+    for (int e = lane; e < 16 * 24; e += 32) tile[e] = __float2half_rn(1.0f);
+    __syncwarp();
+    if (what == 5 && lane >= 16) return;
+    nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> f;
+    nvcuda::wmma::load_matrix_sync(f, what == 6 ? tile + 8 : tile, 24);
+    v = __half2float(f.x[0]);
   } else {
     v = never_written[lane];
   }
@@ -238,7 +285,48 @@ std::tuple<at::Tensor, at::Tensor> shuffles(const at::Tensor& x, int64_t width) 
   return {out, votes};
 }
 
-// what < 3: misuse_kernel's cases; 3: a block of 2048 threads; 4: 64 KB of dynamic shared memory
+template <typename T, bool ACOL, bool BCOL>
+void launch_wmma_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, const at::Tensor& out,
+                      double alpha, bool out_col, bool stage_sync) {
+  const int M = c.size(0), N = c.size(1), K = ACOL ? a.size(0) : a.size(1);
+  const int tiles = M / 16 * (N / 16);
+  wmma_gemm_kernel<T, ACOL, BCOL><<<(tiles + 1) / 2, 64, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(a.const_data_ptr()), reinterpret_cast<const T*>(b.const_data_ptr()),
+      c.const_data_ptr<float>(), out.data_ptr<float>(), M, N, K, static_cast<float>(alpha), out_col, stage_sync);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dispatch_wmma_gemm(bool a_col, bool b_col, const at::Tensor& a, const at::Tensor& b, const at::Tensor& c,
+                        const at::Tensor& out, double alpha, bool out_col, bool stage_sync) {
+  if (a_col && b_col) launch_wmma_gemm<T, true, true>(a, b, c, out, alpha, out_col, stage_sync);
+  else if (a_col) launch_wmma_gemm<T, true, false>(a, b, c, out, alpha, out_col, stage_sync);
+  else if (b_col) launch_wmma_gemm<T, false, true>(a, b, c, out, alpha, out_col, stage_sync);
+  else launch_wmma_gemm<T, false, false>(a, b, c, out, alpha, out_col, stage_sync);
+}
+
+// a: A (M, K), or A^T (K, M) when a_col; b: B (K, N), or B^T (N, K) when b_col; sizes multiples of 16.
+at::Tensor wmma_gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, double alpha, bool a_col,
+                     bool b_col, bool out_col, bool stage_sync) {
+  const auto dt = a.scalar_type();
+  TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16, "wmma_gemm: a must be float16 or bfloat16");
+  check(a, "a", dt);
+  check(b, "b", dt);
+  check(c, "c", at::kFloat);
+  const int64_t M = c.size(0), N = c.size(1), K = a_col ? a.size(0) : a.size(1);
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && (a_col ? a.size(1) : a.size(0)) == M &&
+                  (b_col ? b.size(1) : b.size(0)) == K && (b_col ? b.size(0) : b.size(1)) == N,
+              "wmma_gemm: shapes do not match");
+  TORCH_CHECK(M % 16 == 0 && N % 16 == 0 && K % 16 == 0 && M > 0 && N > 0 && K > 0,
+              "wmma_gemm: sizes must be positive multiples of 16");
+  const c10::cuda::CUDAGuard guard(c.device());
+  auto out = out_col ? at::empty({N, M}, c.options()) : at::empty({M, N}, c.options());
+  if (dt == at::kHalf) dispatch_wmma_gemm<__half>(a_col, b_col, a, b, c, out, alpha, out_col, stage_sync);
+  else dispatch_wmma_gemm<__nv_bfloat16>(a_col, b_col, a, b, c, out, alpha, out_col, stage_sync);
+  return out;
+}
+
+// what < 3, 5, 6: misuse_kernel's cases; 3: a block of 2048 threads; 4: 64 KB of dynamic shared memory
 // without the opt-in.
 at::Tensor misuse(const at::Tensor& like, int64_t what) {
   TORCH_CHECK(like.is_cuda(), "misuse: like must be a CUDA tensor");
@@ -261,6 +349,8 @@ TORCH_LIBRARY(kxops_selftest, m) {
   m.def("shuffles(Tensor x, int width) -> (Tensor, Tensor)");
   m.def("copy_even(Tensor x) -> (Tensor, Tensor)");
   m.def("misuse(Tensor like, int what) -> Tensor");
+  m.def("wmma_gemm(Tensor a, Tensor b, Tensor c, float alpha, bool a_col, bool b_col, bool out_col, "
+        "bool stage_sync=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kxops_selftest, CUDA, m) {
@@ -270,4 +360,5 @@ TORCH_LIBRARY_IMPL(kxops_selftest, CUDA, m) {
   m.impl("shuffles", &kxops_selftest::shuffles);
   m.impl("copy_even", &kxops_selftest::copy_even);
   m.impl("misuse", &kxops_selftest::misuse);
+  m.impl("wmma_gemm", &kxops_selftest::wmma_gemm);
 }
