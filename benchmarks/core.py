@@ -5,9 +5,11 @@ optionally FLOPs) a call must move, and how its outputs are checked. One module 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -73,13 +75,21 @@ class Inputs(dict):
         return [self[n] for n in self.grad]
 
 
+class Skip(Exception):
+    """Raised by a provider's setup when it could express the case but cannot run it here (the eager
+    reference of a family whose reference materialises O(T d^2) state, on a shape that would not fit): the
+    case's rows for it say `n/a: <reason>`, they are never timed nor counted as errors. (A setup that
+    returns None instead cannot express the case at all and leaves no row.)"""
+
+
 @dataclass(frozen=True)
 class Provider:
     """An implementation to time.
 
     setup(case, inputs) does the untimed preparation (cos/sin caches the library expects precomputed,
     torch.compile wrappers, free layout views) and returns the closure whose call is timed, or None
-    when the provider cannot express the case (it is then left out of that case).
+    when the provider cannot express the case (it is then left out of that case), or raises Skip when
+    it could but cannot run it on this machine.
     available() returns None when the provider can run on this machine, else the reason it cannot.
     devices: where it runs (Triton-only anchors: ("cuda",)).
     kind: "reference" (eager spec), "compile" (torch.compile of it), "kxops" (ours: an error or a
@@ -96,6 +106,27 @@ class Provider:
     note: str = ""
     modes: Optional[tuple] = None
     timing: Optional[str] = None
+
+
+@functools.cache
+def import_module(module: str):
+    """importlib.import_module, remembered: providers look their library up in setup, case after case."""
+    return importlib.import_module(module)
+
+
+def module_available(module: str, install: str) -> Callable[[], Optional[str]]:
+    """A Provider.available for a library: None when `module` imports, else why not ("not installed
+    (<install>)" for a missing module, the import error otherwise). Asked once."""
+    @functools.cache
+    def available():
+        try:
+            import_module(module)
+        except ModuleNotFoundError:
+            return f"not installed ({install})"
+        except Exception as e:  # noqa: BLE001  (a library that fails to import is unavailable, not fatal)
+            return f"import failed: {type(e).__name__}: {e}"
+        return None
+    return available
 
 
 def float_tensors(out) -> list:
@@ -139,15 +170,21 @@ class Target:
     `provider` on `case`, in each of `modes`, meets every goal that is set:
     min_speedup  at least this many times faster than the reference;
     max_us       a median of at most this many microseconds;
-    faster_than  a lower median than each of these providers (same case, mode and timing);
-    max_ratio    at most this multiple of the yardstick's median."""
+    faster_than  a lower median than each of these providers (same case, mode and timing), at least
+                 `faster_by` times lower when that is set above 1;
+    max_ratio    at most this multiple of the yardstick's median;
+    max_mem_mib  a peak memory (the table's peak MiB) of at most this many MiB.
+    `provider`, and each entry of `faster_than`, may also be a tuple of names: the fastest of them that
+    ran and passed its check stands for the group ("ours, CUDA or Triton, whichever is faster")."""
     case: str
-    provider: str
+    provider: Union[str, tuple]
     min_speedup: Optional[float] = None
     modes: tuple = MODES
     max_us: Optional[float] = None
     faster_than: tuple = ()
     max_ratio: Optional[float] = None
+    faster_by: float = 1.0
+    max_mem_mib: Optional[float] = None
 
 
 @dataclass
@@ -163,7 +200,11 @@ class Op:
                             every provider.
     flops(case, mode)       floating-point operations of a call, for the TFLOP/s column (matrix-bound
                             families such as linear attention); None leaves the column empty.
-    record_memory           record each call's peak extra memory (CUDA: max_memory_allocated).
+    record_memory           record each call's peak extra memory (CUDA: max_memory_allocated; CPU: the
+                            blocks torch's CPU allocator holds, from torch.profiler's memory events).
+    expected(case, inputs)  the result every provider is checked against, when it must not come from the
+                            reference provider's own call (a reference that would not fit in memory on
+                            some cases: computed in pieces); None: the reference provider's first call.
     outputs(result)         the tensors of a result that are checked and take an output gradient;
                             default every floating tensor. A family whose calls also return state
                             (linear attention's final state) selects here.
@@ -187,6 +228,7 @@ class Op:
     small_cases: Optional[Callable[[str], list]] = None
     targets: list = field(default_factory=list)
     description: str = ""
+    expected: Optional[Callable[[Case, Inputs], Any]] = None
 
     def provider(self, name: str) -> Provider:
         for p in self.providers:

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import timing
-from .core import Op
+from .core import Op, Skip
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # Modules of this package that are not operator families.
@@ -171,9 +171,14 @@ def run_op(op: Op, device: str, sel: Selection, budget: timing.Budget, env: dict
         ref_out = None
         if sel.check and op.check is not None and _usable(ref_provider, device):
             try:
-                fn = ref_provider.setup(case, op.make_inputs(case, sel.seed))
-                ref_out = _detach(fn()) if fn is not None else None
-                del fn
+                if op.expected is not None:
+                    ref_out = _detach(op.expected(case, op.make_inputs(case, sel.seed)))
+                else:
+                    fn = ref_provider.setup(case, op.make_inputs(case, sel.seed))
+                    ref_out = _detach(fn()) if fn is not None else None
+                    del fn
+            except Skip as e:
+                print(f"benchmarks: {op.name} {case.name}: unchecked (reference n/a: {e})", file=sys.stderr)
             except Exception as e:  # noqa: BLE001  (its own rows will carry the error)
                 print(f"benchmarks: {op.name} {case.name}: reference failed: {_short(e)}", file=sys.stderr)
         case_rows = []
@@ -189,6 +194,12 @@ def run_op(op: Op, device: str, sel: Selection, budget: timing.Budget, env: dict
             try:
                 inputs = op.make_inputs(case, sel.seed)
                 fn = p.setup(case, inputs)
+            except Skip as e:  # it could express the case but cannot run it here: a row that says why
+                case_rows += [dict(base, mode=m, status=f"n/a: {e}") for m in modes]
+                progress.step(f"{op.name} {case.name} {p.name} (n/a)", len(modes))
+                inputs = None
+                timing.release(device)
+                continue
             except Exception as e:  # noqa: BLE001
                 case_rows += [dict(base, mode=m, status="error: " + _short(e)) for m in modes]
                 progress.step(f"{op.name} {case.name} {p.name} (setup error)", len(modes))
@@ -226,7 +237,7 @@ def run_op(op: Op, device: str, sel: Selection, budget: timing.Budget, env: dict
                     gbps = nbytes / (t.median_ms * 1e-3) / 1e9
                     row.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, bytes=nbytes, gbps=gbps,
                                frac_copy_bw=gbps / copy_gbps if copy_gbps else None)
-                    if op.flops is not None:
+                    if op.flops is not None and p.kind != "yardstick":  # its work is not the case's
                         fl = op.flops(case, mode)
                         row["tflops"] = fl / (t.median_ms * 1e-3) / 1e12 if fl else None
                     if op.record_memory:
@@ -244,7 +255,7 @@ def run_op(op: Op, device: str, sel: Selection, budget: timing.Budget, env: dict
         del ref_out
         timing.release(device)
     for r in rows:
-        if r["kind"] == "kxops" and r["status"] != "ok":
+        if r["kind"] == "kxops" and r["status"] != "ok" and not r["status"].startswith("n/a"):
             report.failures.append(r)
     return rows
 
@@ -285,7 +296,7 @@ def _f(v, fmt: str, none: str = "-") -> str:
 
 def format_table(op: Op, device: str, rows: list, env: dict, copy_gbps: float) -> str:
     show_tf = op.flops is not None
-    show_mem = op.record_memory and device == "cuda"
+    show_mem = op.record_memory and any(r.get("peak_mem_mib") is not None for r in rows)
     show_timing = len({r.get("timing") for r in rows}) > 1
     yardstick = _yardstick(op)
     yw = max(12, len(yardstick) + 4)
@@ -354,34 +365,67 @@ def _us(ms) -> str:
 
 
 def format_targets(op: Op, rows: list) -> list:
-    """One line per goal of each Target and row it names: the measured value, then met / MISSED / n/a
-    (n/a: the row, or the row it is compared with, did not run or failed its check)."""
+    """One line per goal of each Target and mode (and timing) it covers: the measured value, then met /
+    MISSED / n/a (n/a: the row, or the row it is compared with, did not run or failed its check). A
+    Target's provider, or an entry of its faster_than, that names several providers stands for the
+    fastest of them in that case, mode and timing."""
     lines = []
     for t in op.targets:
-        for r in rows:
-            if r["case"] != t.case or r["provider"] != t.provider or r["mode"] not in t.modes:
-                continue
-            ok = r["status"] == "ok" and bool(r.get("median_ms"))
-            where = f"on {t.case} {r['mode']}"
+        mine = [r for r in rows if r["case"] == t.case and r["provider"] in _names(t.provider) and r["mode"] in t.modes]
+        for mode, how in dict.fromkeys((r["mode"], r.get("timing")) for r in mine):
+            r = _fastest([o for o in mine if o["mode"] == mode and o.get("timing") == how])
+            ok = _ran(r)
+            who = _label(t.provider, r if ok else None)
+            where = f"on {t.case} {mode}"
             if t.min_speedup is not None:
                 s = r.get("speedup_vs_ref") if ok else None
-                lines.append(_goal(f"{t.provider} >= {t.min_speedup:g}x reference {where}", _x(s),
-                                   s and s >= t.min_speedup))
+                lines.append(_goal(f"{who} >= {t.min_speedup:g}x reference {where}", _x(s), s and s >= t.min_speedup))
             if t.max_us is not None:
                 ms = r["median_ms"] if ok else None
-                lines.append(_goal(f"{t.provider} <= {t.max_us:g} us {where}", _us(ms), ms and 1e3 * ms <= t.max_us))
+                lines.append(_goal(f"{who} <= {t.max_us:g} us {where}", _us(ms), ms and 1e3 * ms <= t.max_us))
             for other in t.faster_than:
-                o = next((o for o in rows if o["case"] == r["case"] and o["provider"] == other
-                          and o["mode"] == r["mode"] and o.get("timing") == r.get("timing")), None)
-                oms = o["median_ms"] if o and o["status"] == "ok" and o.get("median_ms") else None
+                o = _fastest([o for o in rows if o["case"] == t.case and o["provider"] in _names(other)
+                              and o["mode"] == mode and o.get("timing") == how])
+                oms = o["median_ms"] if _ran(o) else None
                 ms = r["median_ms"] if ok and oms else None
-                lines.append(_goal(f"{t.provider} faster than {other} {where}", f"{_us(ms)} vs {_us(oms)}",
-                                   ms and ms < oms))
+                what, value = f"faster than {_label(other, o if oms else None)}", f"{_us(ms)} vs {_us(oms)}"
+                met = ms and ms < oms
+                if t.faster_by > 1:
+                    what, value = f">= {t.faster_by:g}x faster than {_label(other, o if oms else None)}", \
+                        f"{value} ({_x(ms and oms / ms)})"
+                    met = ms and oms / ms >= t.faster_by
+                lines.append(_goal(f"{who} {what} {where}", value, met))
             if t.max_ratio is not None:
                 x = r.get("ratio_to_yardstick") if ok else None
-                lines.append(_goal(f"{t.provider} <= {t.max_ratio:g}x {_yardstick(op)} {where}", _x(x),
+                lines.append(_goal(f"{who} <= {t.max_ratio:g}x {_yardstick(op)} {where}", _x(x),
                                    x and x <= t.max_ratio))
+            if t.max_mem_mib is not None:
+                mib = r.get("peak_mem_mib") if ok else None
+                lines.append(_goal(f"{who} peak memory <= {t.max_mem_mib:.0f} MiB {where}", f"{_f(mib, '.0f')} MiB",
+                                   None if mib is None else mib <= t.max_mem_mib))
     return lines
+
+
+def _names(provider) -> tuple:
+    return (provider,) if isinstance(provider, str) else tuple(provider)
+
+
+def _label(provider, row) -> str:
+    """A goal's provider as printed: its name, or for a group the one that was fastest (or the group)."""
+    if isinstance(provider, str):
+        return provider
+    group = "/".join(provider)
+    return f"{row['provider']} (fastest of {group})" if row else f"fastest of {group}"
+
+
+def _ran(r) -> bool:
+    return r is not None and r["status"] == "ok" and bool(r.get("median_ms"))
+
+
+def _fastest(rows: list):
+    """The fastest row that ran and passed its check, else the first row (None for none)."""
+    ran = [r for r in rows if _ran(r)]
+    return min(ran, key=lambda r: r["median_ms"]) if ran else (rows[0] if rows else None)
 
 
 def _goal(what: str, value: str, met) -> str:
@@ -416,7 +460,8 @@ def _csv_value(v):
 
 def plot(path: str, op_name: str, rows: list, title: str, copy_gbps: Optional[float]) -> Optional[str]:
     """Grouped horizontal bars of GB/s per case and provider, one panel per mode, the copy bandwidth as a
-    dashed line. Host-timed rows are left out: the GB/s of a host-bound call says nothing of bandwidth.
+    dashed line; TFLOP/s instead for a family that counts FLOPs (matrix-bound: its GB/s says little).
+    Host-timed rows are left out: the GB/s of a host-bound call says nothing of bandwidth.
     Returns None on success, else why no plot was drawn."""
     try:
         import matplotlib
@@ -424,7 +469,10 @@ def plot(path: str, op_name: str, rows: list, title: str, copy_gbps: Optional[fl
         import matplotlib.pyplot as plt
     except Exception as e:  # noqa: BLE001
         return f"matplotlib not importable ({_short(e)}): no plot"
-    ok = [r for r in rows if r.get("gbps") and r.get("timing", "device") == "device"]
+    key = "tflops" if any(r.get("tflops") for r in rows) else "gbps"
+    if key == "tflops":
+        copy_gbps = None
+    ok = [r for r in rows if r.get(key) and r.get("timing", "device") == "device"]
     if not ok:
         return "no device-timed rows: no plot"
     modes = [m for m in ("fwd", "bwd", "fwd_bwd") if any(r["mode"] == m for r in ok)]
@@ -441,12 +489,13 @@ def plot(path: str, op_name: str, rows: list, title: str, copy_gbps: Optional[fl
                 r = next((r for r in ok if r["case"] == c and r["provider"] == p and r["mode"] == mode), None)
                 if r is not None:
                     ys.append(i + (j - (len(providers) - 1) / 2) * h)
-                    xs.append(float(r["gbps"]))
+                    xs.append(float(r[key]))
             ax.barh(ys, xs, height=h, color=cmap(j % 10))
         if copy_gbps:
             ax.axvline(float(copy_gbps), color="k", ls="--", lw=1)
         ax.set_title(mode)
-        ax.set_xlabel("GB/s (bytes that must move / median time)")
+        ax.set_xlabel("TFLOP/s (useful FLOPs / median time)" if key == "tflops"
+                      else "GB/s (bytes that must move / median time)")
         ax.set_yticks(range(len(cases)))
         ax.set_yticklabels(cases, fontsize=8)
         ax.invert_yaxis()

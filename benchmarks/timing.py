@@ -7,6 +7,7 @@ Host timing (time_host): the wall clock of back-to-back calls, for calls whose h
 their kernel time; CUDA events then time the gaps the L2 flush leaves, not what a user waits for."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
@@ -128,9 +129,10 @@ def cuda_graph(fn: Callable[[], Any]) -> Callable[[], Any]:
 
 def peak_memory_mib(fn: Callable[[], Any], device: str) -> Optional[float]:
     """Peak memory one call allocates above what is already live (inputs, saved tensors), in MiB.
-    None on CPU: the caching allocator's statistics exist on CUDA only."""
+    CUDA: the caching allocator's max_memory_allocated. CPU: see cpu_peak_bytes."""
     if device != "cuda":
-        return None
+        peak = cpu_peak_bytes(fn)
+        return None if peak is None else peak / 2**20
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -140,6 +142,43 @@ def peak_memory_mib(fn: Callable[[], Any], device: str) -> Optional[float]:
     peak = torch.cuda.max_memory_allocated() - base
     del out
     return peak / 2**20
+
+
+def cpu_peak_bytes(fn: Callable[[], Any]) -> Optional[int]:
+    """Peak bytes held by torch's CPU allocator during one call, above what was held before it: the running
+    sum, in time order, of the allocation (+) and free (-) events torch.profiler records with
+    profile_memory=True (the allocator reports every block it hands out or takes back, on every thread).
+    It counts tensors, as max_memory_allocated does on CUDA: memory a library allocates past torch's
+    allocator (a std::vector inside a C++ kernel, oneDNN scratchpads) is not seen, and a block allocated
+    before the call and freed during it is not subtracted (an overestimate). None when the profiler
+    records no memory events. The profiler's start/stop lines on stderr are silenced."""
+    from torch.profiler import ProfilerActivity, profile
+    gc.collect()
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    if not events:
+        return None
+    held = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """File descriptor 2 sent to /dev/null for the duration (Kineto logs each profiler start and stop there)."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def make_step(fn: Callable[[], Any], inputs: Inputs, mode: str, outputs: Callable[[Any], list],
