@@ -20,6 +20,7 @@
 
 #include "front.h"
 #include "pyentry.h"
+#include "rope.h"
 
 namespace kxops {
 namespace {
@@ -487,6 +488,11 @@ std::tuple<Tensor, Tensor> rope_qk_autograd(const Tensor& q, const Tensor& k, co
 }
 
 }  // namespace
+
+at::Tensor rope_frequencies(int64_t rotary_dim, double base, at::ScalarType dtype, at::Device device, bool on_device) {
+  return tables(rotary_dim, base, 1, Layout::Halves, std::nullopt, dtype, device, on_device).inv_freq;
+}
+
 }  // namespace kxops
 
 TORCH_LIBRARY_IMPL(kxops, CompositeImplicitAutograd, m) {

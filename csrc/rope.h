@@ -103,4 +103,9 @@ inline RopePositions check_rope_args(const char* op, const at::Tensor& x, const 
   return p;
 }
 
+// The 1-D RoPE frequencies base^(-2i/R), i < R/2, as a (R/2,) tensor of `dtype` on `device`: the front's
+// cached table (csrc/rope.cpp); on_device: built on the device, not cached (tracing, graph capture).
+// Host only (the linear attention front rotates its numerator with it).
+at::Tensor rope_frequencies(int64_t rotary_dim, double base, at::ScalarType dtype, at::Device device, bool on_device);
+
 }  // namespace kxops

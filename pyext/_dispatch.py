@@ -71,25 +71,22 @@ def implement_reference(name: str, fn: Callable) -> None:
     _LIB.impl(name.split("::")[1], fn, "CompositeImplicitAutograd")
 
 
-def register_triton_autograd(name: str, n_tensors: int, backward: Callable) -> None:
-    """Autograd of a Triton op whose first `n_tensors` inputs are differentiated and whose other inputs
-    (normalised arguments) are saved as they are: backward(op, saved_args, *grads) -> grads of the
-    first n_tensors inputs. C++ ops carry their autograd in C++ (csrc/<family>.cpp)."""
-    op = getattr(torch.ops.kxops, name.split("::")[1])
-
+def register_triton_autograd(name: str, backward: Callable, skip: int = 0) -> None:
+    """Autograd of a Triton op (C++ ops carry theirs in C++, csrc/<family>.cpp): the inputs are saved (tensors
+    through save_for_backward; the first `skip` not at all, for a backward that does not need them) and
+    backward(inputs, *grads) returns the gradients of the leading inputs (the others get None)."""
     def setup_context(ctx, inputs, output):
-        rest = inputs[n_tensors:]
-        ctx.tensor_idx = [i for i, a in enumerate(rest) if isinstance(a, torch.Tensor)]
-        ctx.save_for_backward(*(rest[i] for i in ctx.tensor_idx))
-        ctx.rest = [None if isinstance(a, torch.Tensor) else a for a in rest]
+        ctx.tensor_idx = [i for i, a in enumerate(inputs) if i >= skip and isinstance(a, torch.Tensor)]
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_idx))
+        ctx.inputs = [None if isinstance(a, torch.Tensor) else a for a in inputs]
 
     def _backward(ctx, *grads):
-        rest = list(ctx.rest)
+        inputs = list(ctx.inputs)
         for i, t in zip(ctx.tensor_idx, ctx.saved_tensors):
-            rest[i] = t
-        dx = backward(op, rest, *grads)
+            inputs[i] = t
+        dx = backward(inputs, *grads)
         dx = dx if isinstance(dx, tuple) else (dx,)
-        return (*dx, *([None] * len(rest)))
+        return (*dx, *([None] * (len(inputs) - len(dx))))
 
     torch.library.register_autograd(name, _backward, setup_context=setup_context)
 

@@ -55,9 +55,12 @@ _dispatch.implement_reference("kxops::rope_reference", _reference)
 _dispatch.implement_reference("kxops::rope_qk_reference", _reference_qk)
 
 
-def _rope_backward(op, args, *grads):
-    """y = R(theta) x  =>  dx = R(-theta) dy: the same op with `conjugate` flipped."""
-    return op(*grads, *args[:-1], not args[-1])
+def _rope_backward(op, n):
+    """y = R(theta) x  =>  dx = R(-theta) dy: the same op with `conjugate` flipped (x itself is not needed)."""
+    def backward(inputs, *grads):
+        args = inputs[n:]
+        return op(*grads, *args[:-1], not args[-1])
+    return backward
 
 
 def _triton_rope(x, *args, traceable=True):
@@ -114,8 +117,9 @@ if _dispatch.TRITON_IMPORTABLE:
         _triton_rope_qk_(q, k, positions, offsets, offset, cu_seqlens, inv_freq, axis, rotary_dim, interleaved,
                          conjugate)
 
-    _dispatch.register_triton_autograd("kxops::rope_triton", 1, _rope_backward)
-    _dispatch.register_triton_autograd("kxops::rope_qk_triton", 2, _rope_backward)
+    _dispatch.register_triton_autograd("kxops::rope_triton", _rope_backward(torch.ops.kxops.rope_triton, 1), skip=1)
+    _dispatch.register_triton_autograd("kxops::rope_qk_triton", _rope_backward(torch.ops.kxops.rope_qk_triton, 2),
+                                       skip=2)
     # Eager calls on real CUDA tensors launch directly, without triton_op's wrappers.
     _dispatch.register_eager_cuda({"kxops::rope_triton": _triton_rope, "kxops::rope_triton_": _triton_rope_,
                                    "kxops::rope_qk_triton": _triton_rope_qk,

@@ -31,6 +31,33 @@ __all__ = ["rope_launch", "rope_kernel"]
 
 
 @triton.jit
+def cos_sin(theta):
+    """cos and sin of a float32 angle tile, after range reduction (shared with linear_attention.py)."""
+    # Range reduction to about [-pi, pi]: on GPU tl.sin/tl.cos may lower to approximate
+    # instructions that are only accurate near 0, and angles reach thousands of radians.
+    # Cody-Waite with 2*pi split into float32 pieces of 5 + 5 + 24 significant bits:
+    # n * 6.25 and n * 0.033203125 are exact for |n| < 2^19 (|theta| < 3.3e6) and each
+    # subtraction is exact or nearly so; the reduced angle stays within ~3e-7 of
+    # (theta mod 2*pi) for the float32 theta (far below ulp(theta) for large angles).
+    n = tl.floor(theta * 0.15915494309189535 + 0.5)
+    r = theta - n * 6.25
+    r = r - n * 0.033203125
+    r = r + n * 1.7817820413768004e-05  # 2*pi - 6.25 - 0.033203125 < 0
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def round_to_bf16(x):
+    """float32 x rounded to the nearest-even bfloat16 value, still float32 (NaN kept as is).
+
+    For the interpreter only, which truncates fp32 -> bf16 casts (the compiled cvt rounds to
+    nearest even): after this the cast is exact, so interpreter runs round like the GPU."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _apply_rotary_heads(
     OUT,
     X,
@@ -98,9 +125,7 @@ def _apply_rotary_heads(
             # Interpreter only (compiled out on GPU, where the fp32 -> bf16 cvt already rounds to
             # nearest even): the interpreter truncates fp32 -> bf16, so round the fp32 bits to
             # the nearest bf16 value here (NaN kept as is); the cast below is then exact.
-            bits = rot.to(tl.uint32, bitcast=True)
-            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-            rot = tl.where(rot != rot, rot, bits.to(tl.float32, bitcast=True))
+            rot = round_to_bf16(rot)
         # pass-through columns (d >= R) are selected in the storage dtype: bit-exact copy
         # (no x*1 + 0 arithmetic, which would turn -0 into +0 and inf partners into NaN).
         out = tl.where(rot_d, rot.to(x_raw.dtype), x_raw)
@@ -223,18 +248,7 @@ def rope_kernel(
 
     # ---- cos/sin tile, float32, once per token block (reused for every head of q and k) ----
     theta = pos_f * inv_freq[None, :]
-    # Range reduction to about [-pi, pi]: on GPU tl.sin/tl.cos may lower to approximate
-    # instructions that are only accurate near 0, and angles reach thousands of radians.
-    # Cody-Waite with 2*pi split into float32 pieces of 5 + 5 + 24 significant bits:
-    # n * 6.25 and n * 0.033203125 are exact for |n| < 2^19 (|theta| < 3.3e6) and each
-    # subtraction is exact or nearly so; the reduced angle stays within ~3e-7 of
-    # (theta mod 2*pi) for the float32 theta (far below ulp(theta) for large angles).
-    n = tl.floor(theta * 0.15915494309189535 + 0.5)
-    r = theta - n * 6.25
-    r = r - n * 0.033203125
-    r = r + n * 1.7817820413768004e-05  # 2*pi - 6.25 - 0.033203125 < 0
-    c = tl.cos(r)
-    s = tl.sin(r)
+    c, s = cos_sin(theta)
     if CONJUGATE:
         s = -s
     # fold the rotation sign in: out_a = x_a*c - x_b*s, out_b = x_b*c + x_a*s
