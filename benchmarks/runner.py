@@ -161,6 +161,43 @@ def _detach(out):
     return out
 
 
+def provider_test(op: Op, benchmark, case, provider, mode: str) -> None:
+    """The pytest-benchmark suite's test of one (case, provider, mode) (benchmarks/test_bench_<family>.py):
+    skipped where the provider or the reference cannot run here, the output checked against the reference
+    (op.expected where set), then a few timed rounds."""
+    import pytest
+
+    why = provider.available() or (op.reference.available() and f"reference: {op.reference.available()}")
+    if why:
+        pytest.skip(f"{provider.name}: {why}")
+    if op.expected is not None:
+        want = op.expected(case, op.make_inputs(case, 0))
+    else:
+        want = op.reference.setup(case, op.make_inputs(case, 0))()
+    inputs = op.make_inputs(case, 0)
+    try:
+        fn = provider.setup(case, inputs)
+    except Skip as e:
+        pytest.skip(f"{provider.name}: n/a: {e}")
+    if fn is None:
+        pytest.skip(f"{provider.name} cannot express {case.name}")
+    out = fn()
+    if provider.kind != "yardstick":
+        err = op.check(want, out, case)
+        assert err <= op.tolerance(case.dtype), f"{provider.name} differs from the reference: rel RMS {err:.2e}"
+
+    step = timing.make_step(fn, inputs, mode, op.outputs, 0)
+    benchmark.group = f"{op.name} {case.name} {mode}"
+    benchmark.extra_info.update(bytes=op.bytes_moved(case, mode), provider=provider.name, mode=mode)
+    if case.device == "cuda":
+        def run():
+            step()
+            torch.cuda.synchronize()
+    else:
+        run = step
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+
+
 def run_op(op: Op, device: str, sel: Selection, budget: timing.Budget, env: dict, copy_gbps: float,
            progress: Progress, report: Report) -> list:
     cases = select_cases(op, device, sel)

@@ -16,7 +16,7 @@ import torch
 from benchmarks import __main__ as cli
 from benchmarks import linear_attention as bench
 from benchmarks import runner, timing
-from benchmarks.core import Provider, Skip, Target
+from benchmarks.core import Provider, Target
 
 OP = bench.OP
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -44,33 +44,7 @@ def _skip_without_reference():
 
 @pytest.mark.parametrize("case,provider,mode", list(_params()))
 def test_linear_attention_provider(benchmark, case, provider, mode):
-    why = provider.available()
-    if why:
-        pytest.skip(f"{provider.name}: {why}")
-    _skip_without_reference()
-    want = OP.expected(case, OP.make_inputs(case, 0))
-    inputs = OP.make_inputs(case, 0)
-    try:
-        fn = provider.setup(case, inputs)
-    except Skip as e:
-        pytest.skip(f"{provider.name}: n/a: {e}")
-    if fn is None:
-        pytest.skip(f"{provider.name} cannot express {case.name}")
-    out = fn()
-    if provider.kind != "yardstick":
-        err = OP.check(want, out, case)
-        assert err <= OP.tolerance(case.dtype), f"{provider.name} differs from the reference: rel RMS {err:.2e}"
-
-    step = timing.make_step(fn, inputs, mode, OP.outputs, 0)
-    benchmark.group = f"linear_attention {case.name} {mode}"
-    benchmark.extra_info.update(bytes=OP.bytes_moved(case, mode), provider=provider.name, mode=mode)
-    if case.device == "cuda":
-        def run():
-            step()
-            torch.cuda.synchronize()
-    else:
-        run = step
-    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    runner.provider_test(OP, benchmark, case, provider, mode)
 
 
 def _small(name_part, device="cpu"):

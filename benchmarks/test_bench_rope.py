@@ -38,32 +38,7 @@ def _params():
 
 @pytest.mark.parametrize("case,provider,mode", list(_params()))
 def test_rope_provider(benchmark, case, provider, mode):
-    why = provider.available()
-    if why:
-        pytest.skip(f"{provider.name}: {why}")
-    ref = OP.reference
-    if ref.available():
-        pytest.skip(f"reference: {ref.available()}")
-    ref_out = ref.setup(case, OP.make_inputs(case, 0))()
-    inputs = OP.make_inputs(case, 0)
-    fn = provider.setup(case, inputs)
-    if fn is None:
-        pytest.skip(f"{provider.name} cannot express {case.name}")
-    out = fn()
-    if provider.kind != "yardstick":
-        err = OP.check(ref_out, out, case)
-        assert err <= OP.tolerance(case.dtype), f"{provider.name} differs from the reference: rel RMS {err:.2e}"
-
-    step = timing.make_step(fn, inputs, mode, OP.outputs, 0)
-    benchmark.group = f"rope {case.name} {mode}"
-    benchmark.extra_info.update(bytes=OP.bytes_moved(case, mode), provider=provider.name, mode=mode)
-    if case.device == "cuda":
-        def run():
-            step()
-            torch.cuda.synchronize()
-    else:
-        run = step
-    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    runner.provider_test(OP, benchmark, case, provider, mode)
 
 
 def test_bytes_moved_counts_reads_and_writes():

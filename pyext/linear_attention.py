@@ -97,7 +97,7 @@ def _triton_step(q, k, v, S, z, feature_map, scale, normalize, eps, traceable=Tr
 def _triton_forward_grads(inputs, dout, dS, dz):
     """Autograd of kxops::linear_attention_triton: kxops::linear_attention_backward_triton (the C++ ops' formula,
     LinearAttentionFn in csrc/linear_attention.cpp)."""
-    q, k, v, S0 = inputs[0], inputs[1], inputs[2], inputs[3]
+    q, v, S0 = inputs[0], inputs[2], inputs[3]
     dout = torch.zeros(v.shape, dtype=q.dtype, device=q.device) if dout is None else dout.contiguous()
     dS = None if dS is None else dS.contiguous()
     dz = None if dz is None else dz.contiguous()

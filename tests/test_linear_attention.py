@@ -148,13 +148,8 @@ def _grads(q, k, v, kw, backend, gouts):
     return (*outs, *gs)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("case", GRAD_CASES)
-@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
-def test_backward_matches_reference(backend, device, case, dtype):
-    if INTERPRETING and backend == "triton" and case == "B1-T1000-H1-Dk8-Dv4" and dtype != torch.float32:
-        pytest.skip("45 s in the Triton interpreter; its multi-chunk backward path: test_triton_small_blocks_and_segments")
-    q, k, v, kw = _case(case, dtype, device)
+def _assert_grads_match(backend, device, q, k, v, kw):
+    """Outputs and the gradients of q, k, v (and the initial state) under the rule, for random output grads."""
     shapes = [o.shape for o in _flat(LA(q, k, v, **kw, backend="reference"))]
     gouts = [torch.randn(s, dtype=torch.float32, device=device) for s in shapes]
     got = _grads(q, k, v, kw, backend, gouts)
@@ -162,6 +157,15 @@ def test_backward_matches_reference(backend, device, case, dtype):
     ref_lp = _grads(q, k, v, kw, "reference", gouts)
     for i, (o, r64, rlp) in enumerate(zip(got, ref64, ref_lp)):
         assert_close_to_ref(o, r64, rlp, f"output/grad {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("case", GRAD_CASES)
+@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
+def test_backward_matches_reference(backend, device, case, dtype):
+    if INTERPRETING and backend == "triton" and case == "B1-T1000-H1-Dk8-Dv4" and dtype != torch.float32:
+        pytest.skip("45 s in the Triton interpreter; its multi-chunk backward path: test_triton_small_blocks_and_segments")
+    _assert_grads_match(backend, device, *_case(case, dtype, device))
 
 
 SMALL_BLOCK_CASES = ["B1-T70-H1-D16-identity-nonorm", "B2-T37-H2-Dk6-Dv10-relu", "rope-interleaved-taylor-positions",
@@ -181,13 +185,7 @@ def test_triton_small_blocks_and_segments(backend, device, case, dtype, monkeypa
     monkeypatch.setitem(tk.TUNING, "segments", 3)
     q, k, v, kw = _case(case, dtype, device)
     _assert_all(_flat(LA(q, k, v, **kw, backend=backend)), *_refs(q, k, v, kw))
-    shapes = [o.shape for o in _flat(LA(q, k, v, **kw, backend="reference"))]
-    gouts = [torch.randn(s, dtype=torch.float32, device=device) for s in shapes]
-    got = _grads(q, k, v, kw, backend, gouts)
-    ref64 = _grads(q.double(), k.double(), v.double(), _double(kw), "reference", gouts)
-    ref_lp = _grads(q, k, v, kw, "reference", gouts)
-    for i, (o, r64, rlp) in enumerate(zip(got, ref64, ref_lp)):
-        assert_close_to_ref(o, r64, rlp, f"output/grad {i}")
+    _assert_grads_match(backend, device, q, k, v, kw)
 
 
 def test_gradcheck_float64():
