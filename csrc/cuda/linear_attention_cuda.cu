@@ -8,7 +8,7 @@
 //   out = RQ S + (M o RQ RK^T) V,   den = FQ z + rowsum(M o FQ FK^T),   S += RK^T V,   z += colsum(FK)
 // The backward (the contract's formulas) is three launches:
 //   1. forward walk: U = dO S^T + (M o dO V^T) RK (= S_t g_t, this tile's share of d rq_t / a_t) and per
-//      token den_t, z_t and the tile's share of g_t . num_t (= rq_t . U_t);
+//      token z_t, den_t = fq_t . z_t and the tile's share of g_t . num_t (= rq_t . U_t);
 //   2. reverse walk with the state G, Gz (M' keeps s >= t; gN_s = a_s g_s):
 //      dRK = V G^T + (M' o V gN^T) RQ,   dV = RK G + (M' o RK RQ^T) gN,   Gz_t,   G += RQ^T gN;
 //   3. per token: the tiles' shares summed, RoPE undone, the denominator's terms, phi' -> dq, dk.
@@ -17,11 +17,22 @@
 // Matrix products: fp16 / bf16 on tensor cores (nvcuda::wmma m16n16k16, float accumulators), 8 warps a
 // block, a warp per 16 x 16 output tile. An operand the input type cannot hold exactly (the masked
 // scores, the states, gN, and features other than the inputs themselves: elu1, taylor, rotated) goes in
-// as hi + lo in that type, two or three products instead of one: the project's rule (2x the 16-bit
-// reference's own error, which is one rounding of the output) leaves no room for more roundings.
-// fp16 splits carry a power-of-two scale (the states outgrow fp16's range on long sequences). float32:
-// CUDA cores, double accumulators and a double state, as the fp32 rule leaves no room for TF32 or for
-// float sums in an order other than the reference's.
+// as pieces in that type, each the rounding of what the previous ones left, and a product is a sum of
+// piece products. Products that only feed outputs in the input type (out, dq, dk, dv) take two pieces,
+// hi + lo (16 significant bits in bf16, 22 in fp16; (hi + lo)(hi + lo) without lo lo: three products
+// against two split operands, two against an exact one): the project's rule (2x the 16-bit reference's
+// own error, which is one rounding of the output) leaves no room for more roundings, and these leave
+// about 2^-17. Products that feed the float32 outputs take three, hi + lo + x3 (exact for a float: 3 x 8
+// bits in bf16, 3 x 11 in fp16), and every piece product down to 2^-24: three against an exact operand (v, dout, raw
+// features), six for two split ones (hi hi, hi lo, lo hi, hi x3, lo lo, x3 hi). They are S += RK^T V (the
+// forward's S), G += RQ^T gN (dS0), and with normalize, as den and g . num reach dS0 and dz0 through a
+// and gd, the backward forward walk's state update and U = G S^T + (M o G V^T) RK (rk, the state, the
+// scores: g_t . num_t = rq_t . U_t); that walk computes den_t = fq_t . z_t and rq_t . U_t on CUDA cores
+// from features recomputed in float, z and Gz are sums in double. hi hi and the smaller piece products
+// are accumulated apart, then added to the state once. The third pieces live in buffers their kernel
+// leaves idle (make_layout). fp16 splits carry a power-of-two scale (the states outgrow fp16's range on
+// long sequences). float32: CUDA cores, double accumulators and a double state, as the fp32 rule leaves
+// no room for TF32 or for float sums in an order other than the reference's.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -66,6 +77,9 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// The three walk kernels: forward, the backward's forward walk and its reverse walk.
+enum WalkKind { kForwardWalk = 0, kBackwardForwardWalk = 1, kBackwardReverseWalk = 2 };
+
 // Shared memory of one block, as byte offsets (-1: absent) and leading dimensions in elements. The
 // 16-bit buffers' rows are padded by 16 bytes (no bank conflicts on column-tile loads) and every
 // buffer starts 128-byte aligned (wmma wants 32).
@@ -75,12 +89,21 @@ struct Layout {
   int64_t q = -1, k = -1, ql = -1, kl = -1, v = -1, g = -1, gnh = -1, gnl = -1, st = -1, sh = -1, sl = -1;
   int64_t p = -1, ph = -1, pl = -1;
   int64_t stage = -1, z = -1, den = -1, a = -1, gd = -1, qn = -1, kn = -1, red = -1;
+  // third pieces of the operands of the products that feed float32 outputs (tensor cores): rk (forward,
+  // backward forward walk), the state and the scores (backward forward walk), rq and gN (reverse walk)
+  int64_t q3 = -1, k3 = -1, s3 = -1, p3 = -1, g3 = -1;
+  bool state_sync = false;  // the forward's k3 (the reverse walk's q3, g3) overlap p: see make_layout
   int64_t bytes = 0;
 };
 
-// bwd: with the backward's dout and gN buffers.
+// The layout of a walk kernel. exact: the features are exact in T (identity, relu without RoPE: no
+// feature splits); normalize: the backward's float32 outputs depend on den (its forward walk's products,
+// gN). The forward and the reverse walk write their third pieces as they load the chunk and read them
+// in its first product, the state update: they go where the scores (ph, pl, the stage, and p if need
+// be: then state_sync, a barrier between the state update and the scores product) are later. compact:
+// the state's splits without row padding (the last resort of the smallest devices).
 template <typename T>
-Layout make_layout(int C, int Fp, int dvt, bool bwd) {
+Layout make_layout(WalkKind kind, int C, int Fp, int dvt, bool exact, bool normalize, bool compact) {
   using S = typename Tr<T>::S;
   constexpr bool tc = Tr<T>::kTc;
   constexpr int e = sizeof(T), pad = 16 / sizeof(T);
@@ -89,44 +112,71 @@ Layout make_layout(int C, int Fp, int dvt, bool bwd) {
   l.dvt = dvt;
   l.ldf = Fp + pad;
   l.ldv = dvt + pad;
-  l.ldsh = dvt + pad;
+  l.ldsh = compact ? dvt : dvt + pad;
   l.ldp = C + 4;
   l.ldh = tc ? C + pad : l.ldp;
   l.lds = dvt + 16 / static_cast<int>(sizeof(S));
+  auto round = [](int64_t bytes) { return (bytes + 127) / 128 * 128; };
   int64_t off = 0;
   auto take = [&](int64_t bytes) {
     const int64_t o = off;
-    off += (bytes + 127) / 128 * 128;
+    off += round(bytes);
     return o;
   };
-  l.q = take(int64_t{C} * l.ldf * e);
-  l.k = take(int64_t{C} * l.ldf * e);
-  l.v = take(int64_t{C} * l.ldv * e);
-  if (bwd) {
-    l.g = take(int64_t{C} * l.ldv * e);
-    l.gnh = take(int64_t{C} * l.ldv * e);
-    if (tc) l.gnl = take(int64_t{C} * l.ldv * e);
+  const int64_t fb = int64_t{C} * l.ldf * e, vb = int64_t{C} * l.ldv * e;  // a feature / value tile
+  const int64_t sb = int64_t{Fp} * l.ldsh * e, pb = int64_t{C} * l.ldh * e, pf = int64_t{C} * l.ldp * 4;
+  const bool fwd_walk = kind == kBackwardForwardWalk;  // it recomputes rq: no q buffers
+  if (!fwd_walk) {
+    l.q = take(fb);
+    if (tc) l.ql = take(fb);
+  }
+  l.k = take(fb);
+  if (tc) l.kl = take(fb);
+  l.v = take(vb);
+  if (kind != kForwardWalk) l.g = take(vb);
+  if (kind == kBackwardReverseWalk) {
+    l.gnh = take(vb);
+    if (tc) l.gnl = take(vb);
   }
   l.st = take(int64_t{Fp} * l.lds * sizeof(S));
-  l.p = take(int64_t{C} * l.ldp * 4);
   if (tc) {
-    l.ql = take(int64_t{C} * l.ldf * e);
-    l.kl = take(int64_t{C} * l.ldf * e);
-    l.sh = take(int64_t{Fp} * l.ldsh * e);
-    l.sl = take(int64_t{Fp} * l.ldsh * e);
-    l.ph = take(int64_t{C} * l.ldh * e);
-    l.pl = take(int64_t{C} * l.ldh * e);
+    l.sh = take(sb);
+    l.sl = take(sb);
+    l.ph = take(pb);  // ph, pl, the stage and p adjacent
+    l.pl = take(pb);
     l.stage = take(int64_t{kWarps} * 256 * 4);
-  } else {
-    l.ph = l.p;  // the masked scores are used in place
   }
-  l.z = take(int64_t{Fp} * sizeof(S));
+  l.p = take(pf);
+  if (!tc) l.ph = l.p;  // the masked scores are used in place
+  l.z = take(int64_t{Fp} * sizeof(double));
   l.den = take(int64_t{C} * sizeof(S));
   l.a = take(int64_t{C} * sizeof(S));
   l.gd = take(int64_t{C} * sizeof(S));
   l.qn = take(int64_t{C} * 4);
   l.kn = take(int64_t{C} * 4);
   l.red = take(32 * sizeof(S));
+  if (tc) {
+    if (fwd_walk) {
+      if (normalize) {  // own buffers; the scores' piece in v's once the state update and scores read it
+        if (!exact) l.k3 = take(fb);
+        l.s3 = take(sb);
+        l.p3 = pb <= vb ? l.v : take(pb);
+      }
+    } else {
+      const int64_t n3 = kind == kForwardWalk ? (exact ? 0 : fb) : (exact ? 0 : round(fb)) + (normalize ? vb : 0);
+      if (n3 > 0) {
+        int64_t at = l.ph;
+        if (l.ph + round(n3) > l.p + round(pf)) at = take(n3);   // not even with p: more memory
+        else if (l.ph + round(n3) > l.p) l.state_sync = true;  // with p
+        if (kind == kForwardWalk) {
+          l.k3 = at;
+        } else {
+          if (!exact) l.q3 = at;
+          if (normalize) l.g3 = exact ? at : at + round(fb);
+        }
+      }
+    }
+  }
   l.bytes = off;
   return l;
 }
@@ -169,7 +219,9 @@ template <typename T>
 struct Bufs {  // typed views of a block's shared memory
   using S = typename Tr<T>::S;
   T *q, *k, *ql, *kl, *v, *g, *gnh, *gnl, *sh, *sl, *ph, *pl;
-  S *st, *z, *den, *a, *gd, *red;
+  S *st;
+  double* z;  // z (Gz): double, as it sums a token at a time
+  S *den, *a, *gd, *red;
   float *p, *stage, *qn, *kn;
 };
 
@@ -184,19 +236,23 @@ __device__ Bufs<T> bufs(unsigned char* base, const Layout& l) {
   return {at_off<T>(base, l.q),      at_off<T>(base, l.k),     at_off<T>(base, l.ql),    at_off<T>(base, l.kl),
           at_off<T>(base, l.v),      at_off<T>(base, l.g),     at_off<T>(base, l.gnh),   at_off<T>(base, l.gnl),
           at_off<T>(base, l.sh),     at_off<T>(base, l.sl),    at_off<T>(base, l.ph),    at_off<T>(base, l.pl),
-          at_off<S>(base, l.st),     at_off<S>(base, l.z),     at_off<S>(base, l.den),   at_off<S>(base, l.a),
+          at_off<S>(base, l.st),     at_off<double>(base, l.z),     at_off<S>(base, l.den),   at_off<S>(base, l.a),
           at_off<S>(base, l.gd),     at_off<S>(base, l.red),   at_off<float>(base, l.p), at_off<float>(base, l.stage),
           at_off<float>(base, l.qn), at_off<float>(base, l.kn)};
 }
 
 // ---- features ----
 
-// v as hi + lo in T.
+// v as hi + lo in T, or (x3 not null) exactly as hi + lo + x3: each piece the rounding of what the
+// previous ones leave (exact in float); 3 x 8 bits hold a float in bf16, 3 x 11 in fp16.
 template <typename T>
-__device__ __forceinline__ void split_store(T* hi, T* lo, int64_t i, float v) {
+__device__ __forceinline__ void split_store(T* hi, T* lo, T* x3, int64_t i, float v) {
   const T h = from_f<T>(v);
+  const float r = v - to_f(h);
+  const T m = from_f<T>(r);
   hi[i] = h;
-  lo[i] = from_f<T>(v - to_f(h));
+  lo[i] = m;
+  if (x3) x3[i] = from_f<T>(r - to_f(m));
 }
 
 // phi(x)_f of a row x (Dk values, unit stride) whose Taylor norm is `norm`.
@@ -252,52 +308,67 @@ __device__ __forceinline__ float position(const Params<T>& p, int64_t b, int64_t
   return p.pos ? static_cast<float>(p.pos[b * p.pos_sb + tok_in_row * p.pos_st]) : static_cast<float>(t_in_seq);
 }
 
+// Feature f (< Fp; 0 past F) of the row x (Taylor norm `norm`), rotated to position pos when `rotate`.
+template <typename T>
+__device__ __forceinline__ float feature_at(const Params<T>& p, const T* x, int f, float norm, bool rotate, float pos) {
+  const int off = p.fmap == kTaylor ? 1 : 0;
+  float v = 0.0f;
+  if (f < p.F) {
+    v = feature(x, f, p.fmap, norm);
+    if (rotate && f >= off) {
+      const Pair pr = pair_of(f - off, p.Dk, p.interleaved);
+      float sn, cs;
+      sincosf(pos * p.inv_freq[pr.i], &sn, &cs);
+      const float w = feature(x, pr.partner + off, p.fmap, norm);
+      v = pr.first ? v * cs - w * sn : w * sn + v * cs;
+    }
+  }
+  return v;
+}
+
+// The Taylor norm of the row x (Dk values), by a warp (1 for other feature maps).
+template <typename T>
+__device__ __forceinline__ float row_norm(const Params<T>& p, const T* x) {
+  if (p.fmap != kTaylor) return 1.0f;
+  float ss = 0.0f;
+  for (int d = threadIdx.x & 31; d < p.Dk; d += 32) {
+    const float v = to_f(x[d]);
+    ss += v * v;
+  }
+  ss = kx::warp_reduce(ss, kx::Sum());
+  return fmaxf(sqrtf(ss), kTaylorNormMin);
+}
+
 // Rows [0, C) of a chunk's features into dst (C x Fp): row t < n is phi(x_(c0+t)), rotated when
 // `rotate`, zero past F (q's scale is applied to the products, in float: scale * phi(q) in T would
 // round once more); rows t >= n are zero. lo (if not null): what rounding to T left out (elu1's
-// x + 1, taylor's x / |x| and rotated features lose bits in T). A warp per row (the Taylor norm is a
-// row reduction); norms[t]: row t's Taylor norm, for later recomputations.
+// x + 1, taylor's x / |x| and rotated features lose bits in T), rounded to T; x3 (if not null): what
+// that rounding left out in turn (hi + lo + x3 is the float feature). A warp per row (the Taylor norm
+// is a row reduction); norms[t]: row t's Taylor norm, for later recomputations.
 template <typename T>
-__device__ void load_features(const Params<T>& p, T* dst, std::type_identity_t<T>* lo, int ld, float* norms,
-                              const T* x0, int64_t st, const Seq& s, int64_t c0, int n, bool rotate) {
+__device__ void load_features(const Params<T>& p, T* dst, std::type_identity_t<T>* lo, std::type_identity_t<T>* x3,
+                              int ld, float* norms, const T* x0, int64_t st, const Seq& s, int64_t c0, int n,
+                              bool rotate) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int off = p.fmap == kTaylor ? 1 : 0;
   for (int t = warp; t < p.lay.C; t += kWarps) {
     T* row = dst + t * ld;
     T* row_lo = lo ? lo + t * ld : nullptr;
+    T* row_x3 = x3 ? x3 + t * ld : nullptr;
     if (t >= n) {
       for (int f = lane; f < p.Fp; f += 32) {
         row[f] = from_f<T>(0.0f);
         if (row_lo) row_lo[f] = from_f<T>(0.0f);
+        if (row_x3) row_x3[f] = from_f<T>(0.0f);
       }
       continue;
     }
     const T* x = x0 + (c0 + t) * st;
-    float norm = 1.0f;
-    if (p.fmap == kTaylor) {
-      float ss = 0.0f;
-      for (int d = lane; d < p.Dk; d += 32) {
-        const float v = to_f(x[d]);
-        ss += v * v;
-      }
-      ss = kx::warp_reduce(ss, kx::Sum());
-      norm = fmaxf(sqrtf(ss), kTaylorNormMin);
-      if (lane == 0) norms[t] = norm;
-    }
+    const float norm = row_norm(p, x);
+    if (p.fmap == kTaylor && lane == 0) norms[t] = norm;
     const float pos = rotate ? position(p, s.b, s.start + c0 + t, c0 + t) : 0.0f;
     for (int f = lane; f < p.Fp; f += 32) {
-      float v = 0.0f;
-      if (f < p.F) {
-        v = feature(x, f, p.fmap, norm);
-        if (rotate && f >= off) {
-          const Pair pr = pair_of(f - off, p.Dk, p.interleaved);
-          float sn, cs;
-          sincosf(pos * p.inv_freq[pr.i], &sn, &cs);
-          const float w = feature(x, pr.partner + off, p.fmap, norm);
-          v = pr.first ? v * cs - w * sn : w * sn + v * cs;
-        }
-      }
-      if (row_lo) split_store(row, row_lo, f, v);
+      const float v = feature_at(p, x, f, norm, rotate, pos);
+      if (row_lo) split_store(row, row_lo, row_x3, f, v);
       else row[f] = from_f<T>(v);
     }
   }
@@ -319,16 +390,18 @@ __device__ void load_tile(const Params<T>& p, T* dst, int ld, const T* x0, int64
 template <typename E>
 struct Opnd {
   const E* hi;
-  const E* lo;  // null, or the second half of a split
+  const E* lo;  // null, or the second piece of a split
   int ld;
+  const E* x3 = nullptr;  // null, or the third piece (with lo: hi + lo + x3 exact)
 };
 
 // A x B, K deep, A (M x K) and B (K x N) read row-major or (TA / TB) column-major from ld-strided rows;
 // a_tri: A is lower (upper) triangular, so only K tiles up to (from) the output row's are read.
-// scale: multiplies the term, in float (q's scale, the splits' powers of two).
-template <bool TA, bool TB, typename EA, typename EB>
+// scale: multiplies the term, in float (q's scale, the splits' powers of two). X: a product for a float32
+// output (term3): its operands' third pieces, where they have them, are used.
+template <bool TA, bool TB, typename EA, typename EB, bool X = false>
 struct Term {
-  static constexpr bool kTA = TA, kTB = TB;
+  static constexpr bool kTA = TA, kTB = TB, kX = X;
   using A = EA;
   using B = EB;
   Opnd<EA> a;
@@ -343,8 +416,15 @@ __device__ __forceinline__ Term<TA, TB, EA, EB> term(Opnd<EA> a, Opnd<EB> b, int
                                                      float scale = 1.0f) {
   return {a, b, K, a_tri, scale};
 }
+template <bool TA, bool TB, typename EA, typename EB>
+__device__ __forceinline__ Term<TA, TB, EA, EB, true> term3(Opnd<EA> a, Opnd<EB> b, int K, int a_tri = kFull,
+                                                            float scale = 1.0f) {
+  return {a, b, K, a_tri, scale};
+}
 
-struct NoTerm {};
+struct NoTerm {
+  static constexpr bool kX = false;
+};
 
 template <typename O>
 struct ToSmem {  // the product into (or, accumulate, onto) a shared matrix
@@ -369,8 +449,12 @@ __device__ __forceinline__ bool skipped(int out_tri, int i, int j) {
   return (out_tri == kLower && j > i) || (out_tri == kUpper && j < i);
 }
 
+// The piece products a_i b_j with i + j <= P + 1, P the most pieces of an operand: (hi + lo)(hi + lo)
+// without lo lo (a term for a q-dtype output: two pieces at most); a term3 with a third piece: all that
+// reach 2^-24 (3 x 3 pieces: 6 of 9). A term3's hi hi products go to main, the others, small ones first,
+// to corr, so that their roundings stay at their own magnitude; other terms accumulate all in main.
 template <typename Tm, typename Frag>
-__device__ __forceinline__ void term_mma(const Tm& t, int i, int j, Frag& acc) {
+__device__ __forceinline__ void term_mma(const Tm& t, int i, int j, Frag& main, Frag& corr) {
   using namespace nvcuda;
   using E = typename Tm::A;
   using LA = std::conditional_t<Tm::kTA, wmma::col_major, wmma::row_major>;
@@ -381,39 +465,63 @@ __device__ __forceinline__ void term_mma(const Tm& t, int i, int j, Frag& acc) {
   for (int kk = k0; kk < k1; kk += 16) {
     const int64_t ao = Tm::kTA ? int64_t{kk} * t.a.ld + 16 * i : int64_t{16 * i} * t.a.ld + kk;
     const int64_t bo = Tm::kTB ? int64_t{16 * j} * t.b.ld + kk : int64_t{kk} * t.b.ld + 16 * j;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, LA> a;
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, E, LB> b;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, E, LA> a, a2;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, E, LB> b, b2;
     wmma::load_matrix_sync(a, t.a.hi + ao, t.a.ld);
     wmma::load_matrix_sync(b, t.b.hi + bo, t.b.ld);
-    wmma::mma_sync(acc, a, b, acc);
-    if (t.a.lo) {  // (hi + lo) (hi + lo) without lo lo
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, LA> a2;
-      wmma::load_matrix_sync(a2, t.a.lo + ao, t.a.ld);
-      wmma::mma_sync(acc, a2, b, acc);
-    }
-    if (t.b.lo) {
-      wmma::load_matrix_sync(b, t.b.lo + bo, t.b.ld);
-      wmma::mma_sync(acc, a, b, acc);
+    if constexpr (Tm::kX) {
+      const bool three = t.a.x3 != nullptr || t.b.x3 != nullptr;
+      if (t.a.x3) {
+        wmma::load_matrix_sync(a2, t.a.x3 + ao, t.a.ld);
+        wmma::mma_sync(corr, a2, b, corr);
+      }
+      if (t.b.x3) {
+        wmma::load_matrix_sync(b2, t.b.x3 + bo, t.b.ld);
+        wmma::mma_sync(corr, a, b2, corr);
+      }
+      if (t.a.lo) wmma::load_matrix_sync(a2, t.a.lo + ao, t.a.ld);
+      if (t.b.lo) wmma::load_matrix_sync(b2, t.b.lo + bo, t.b.ld);
+      if (three && t.a.lo && t.b.lo) wmma::mma_sync(corr, a2, b2, corr);
+      if (t.a.lo) wmma::mma_sync(corr, a2, b, corr);
+      if (t.b.lo) wmma::mma_sync(corr, a, b2, corr);
+      wmma::mma_sync(main, a, b, main);
+    } else {
+      wmma::mma_sync(main, a, b, main);
+      if (t.a.lo) {
+        wmma::load_matrix_sync(a2, t.a.lo + ao, t.a.ld);
+        wmma::mma_sync(main, a2, b, main);
+      }
+      if (t.b.lo) {
+        wmma::load_matrix_sync(b, t.b.lo + bo, t.b.ld);
+        wmma::mma_sync(main, a, b, main);
+      }
     }
   }
 }
 
 template <typename Tm, typename Frag>
 __device__ __forceinline__ void term_acc(const Tm& t, int i, int j, Frag& acc) {
-  if constexpr (!std::is_same_v<Tm, NoTerm>) {
-    if (t.scale == 1.0f) {
-      term_mma(t, i, j, acc);
-    } else {
-      Frag part;
-      nvcuda::wmma::fill_fragment(part, 0.0f);
-      term_mma(t, i, j, part);
-      for (int e = 0; e < part.num_elements; ++e) acc.x[e] += t.scale * part.x[e];
-    }
+  if constexpr (std::is_same_v<Tm, NoTerm>) {
+    return;
+  } else if constexpr (Tm::kX) {
+    Frag main, corr;
+    nvcuda::wmma::fill_fragment(main, 0.0f);
+    nvcuda::wmma::fill_fragment(corr, 0.0f);
+    term_mma(t, i, j, main, corr);
+    for (int e = 0; e < main.num_elements; ++e) acc.x[e] += t.scale * (main.x[e] + corr.x[e]);
+  } else if (t.scale == 1.0f) {
+    term_mma(t, i, j, acc, acc);
+  } else {
+    Frag part;
+    nvcuda::wmma::fill_fragment(part, 0.0f);
+    term_mma(t, i, j, part, part);
+    for (int e = 0; e < part.num_elements; ++e) acc.x[e] += t.scale * part.x[e];
   }
 }
 
-// Tensor cores: a warp per 16 x 16 output tile.
-template <typename Epi, typename T1, typename T2>
+// Tensor cores: a warp per 16 x 16 output tile. X: a product for a float32 output (a term3), onto the
+// state: the state is added last, once.
+template <bool X, typename Epi, typename T1, typename T2>
 __device__ void gemm_tc(int M, int N, int out_tri, const T1& t1, const T2& t2, const Epi& epi, float* stage) {
   using namespace nvcuda;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nt = N / 16;
@@ -422,13 +530,18 @@ __device__ void gemm_tc(int M, int N, int out_tri, const T1& t1, const T2& t2, c
     if (skipped(out_tri, i, j)) continue;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
     wmma::fill_fragment(acc, 0.0f);
-    if constexpr (IsSmem<Epi>::value) {
+    if constexpr (IsSmem<Epi>::value && !X) {
       const float* at = epi.out + int64_t{16 * i} * epi.ld + 16 * j;
       if (epi.accumulate) wmma::load_matrix_sync(acc, at, epi.ld, wmma::mem_row_major);
     }
     term_acc(t1, i, j, acc);
     term_acc(t2, i, j, acc);
     if constexpr (IsSmem<Epi>::value) {
+      if (X && epi.accumulate) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> prev;
+        wmma::load_matrix_sync(prev, epi.out + int64_t{16 * i} * epi.ld + 16 * j, epi.ld, wmma::mem_row_major);
+        for (int e = 0; e < acc.num_elements; ++e) acc.x[e] += prev.x[e];
+      }
       wmma::store_matrix_sync(epi.out + int64_t{16 * i} * epi.ld + 16 * j, acc, epi.ld, wmma::mem_row_major);
     } else {  // through the warp's 16 x 16 stage, so that the epilogue knows each element's place
       float* st = stage + warp * 256;
@@ -482,7 +595,8 @@ __device__ void gemm_simt(int M, int N, int out_tri, const T1& t1, const T2& t2,
 template <typename T, typename Epi, typename T1, typename T2 = NoTerm>
 __device__ __forceinline__ void gemm(const Bufs<T>& sm, int M, int N, int out_tri, const Epi& epi, const T1& t1,
                                      const T2& t2 = NoTerm{}) {
-  if constexpr (Tr<T>::kTc) gemm_tc(M, N, out_tri, t1, t2, epi, sm.stage);
+  constexpr bool x = T1::kX || T2::kX;
+  if constexpr (Tr<T>::kTc) gemm_tc<x>(M, N, out_tri, t1, t2, epi, sm.stage);
   else gemm_simt(M, N, out_tri, t1, t2, epi);
 }
 
@@ -500,9 +614,9 @@ __device__ __forceinline__ float split_scale(const Bufs<T>& sm, float m) {
   }
 }
 
-// The state (Fp x dvt) as hi / lo operands; returns the split's scale (tensor cores only).
+// The state (Fp x dvt) as hi / lo operands (and x3: exact); returns the split's scale (tensor cores only).
 template <typename T>
-__device__ float split_state(const Params<T>& p, const Bufs<T>& sm) {
+__device__ float split_state(const Params<T>& p, const Bufs<T>& sm, T* x3) {
   const int dvt = p.lay.dvt, n = p.Fp * dvt;
   float m = 0.0f;
   if constexpr (std::is_same_v<T, __half>) {
@@ -513,15 +627,16 @@ __device__ float split_state(const Params<T>& p, const Bufs<T>& sm) {
   const float up = split_scale(sm, m), down = 1.0f / up;
   for (int idx = threadIdx.x; idx < n; idx += kThreads) {
     const int f = idx / dvt, j = idx - f * dvt;
-    split_store(sm.sh, sm.sl, int64_t{f} * p.lay.ldsh + j, sm.st[f * p.lay.lds + j] * down);
+    split_store(sm.sh, sm.sl, x3, int64_t{f} * p.lay.ldsh + j, sm.st[f * p.lay.lds + j] * down);
   }
   return up;
 }
 
 // The C x C scores in sm.p, masked to `tri` and their columns scaled by colscale (null: 1), as the
-// operand (ph, pl); returns the split's scale (1 without tensor cores: in place).
+// operand (ph, pl, and x3 if not null: exact); returns the split's scale (1 without tensor cores: in place).
 template <typename T>
-__device__ float split_scores(const Params<T>& p, const Bufs<T>& sm, int tri, const typename Tr<T>::S* colscale) {
+__device__ float split_scores(const Params<T>& p, const Bufs<T>& sm, int tri, const typename Tr<T>::S* colscale,
+                              T* x3) {
   using S = typename Tr<T>::S;
   const int C = p.lay.C;
   auto value = [&](int t, int s) -> float {
@@ -537,7 +652,7 @@ __device__ float split_scores(const Params<T>& p, const Bufs<T>& sm, int tri, co
     const float up = split_scale(sm, m), down = 1.0f / up;
     for (int idx = threadIdx.x; idx < C * C; idx += kThreads) {
       const int t = idx / C, s = idx - t * C;
-      split_store(sm.ph, sm.pl, int64_t{t} * p.lay.ldh + s, value(t, s) * down);
+      split_store(sm.ph, sm.pl, x3, int64_t{t} * p.lay.ldh + s, value(t, s) * down);
     }
     return up;
   } else {
@@ -549,9 +664,9 @@ __device__ float split_scores(const Params<T>& p, const Bufs<T>& sm, int tri, co
   }
 }
 
-// gN = a_t g_t (C x dvt) as (gnh, gnl); returns the split's scale.
+// gN = a_t g_t (C x dvt) as (gnh, gnl, and x3 if not null: exact); returns the split's scale.
 template <typename T>
-__device__ float split_gn(const Params<T>& p, const Bufs<T>& sm) {
+__device__ float split_gn(const Params<T>& p, const Bufs<T>& sm, T* x3) {
   using S = typename Tr<T>::S;
   const int dvt = p.lay.dvt, n = p.lay.C * dvt;
   auto value = [&](int idx) -> float {
@@ -566,7 +681,7 @@ __device__ float split_gn(const Params<T>& p, const Bufs<T>& sm) {
     const float up = split_scale(sm, m), down = 1.0f / up;
     for (int idx = threadIdx.x; idx < n; idx += kThreads) {
       const int t = idx / dvt;
-      split_store(sm.gnh, sm.gnl, int64_t{t} * p.lay.ldv + idx - t * dvt, value(idx) * down);
+      split_store(sm.gnh, sm.gnl, x3, int64_t{t} * p.lay.ldv + idx - t * dvt, value(idx) * down);
     }
     return up;
   } else {
@@ -578,10 +693,11 @@ __device__ float split_gn(const Params<T>& p, const Bufs<T>& sm) {
   }
 }
 
-// The state as a right operand: the split (tensor cores) or the double state itself.
+// The state as a right operand: the split (tensor cores; x3: its third piece or null) or the double
+// state itself.
 template <typename T>
-__device__ __forceinline__ auto state_op(const Params<T>& p, const Bufs<T>& sm) {
-  if constexpr (Tr<T>::kTc) return Opnd<T>{sm.sh, sm.sl, p.lay.ldsh};
+__device__ __forceinline__ auto state_op(const Params<T>& p, const Bufs<T>& sm, const T* x3) {
+  if constexpr (Tr<T>::kTc) return Opnd<T>{sm.sh, sm.sl, p.lay.ldsh, x3};
   else return Opnd<double>{sm.st, nullptr, p.lay.lds};
 }
 
@@ -598,7 +714,9 @@ __device__ void load_state(const Params<T>& p, const Bufs<T>& sm, const float* s
     const int f = idx / dvt, j = idx - f * dvt;
     sm.st[f * p.lay.lds + j] = (s && f < p.F && j < cols) ? static_cast<S>(s[(nh * p.F + f) * p.Dv + j0 + j]) : S(0);
   }
-  for (int f = threadIdx.x; f < p.Fp; f += kThreads) sm.z[f] = (z && f < p.F) ? static_cast<S>(z[nh * p.F + f]) : S(0);
+  for (int f = threadIdx.x; f < p.Fp; f += kThreads) {
+    sm.z[f] = (z && f < p.F) ? static_cast<double>(z[nh * p.F + f]) : 0.0;
+  }
 }
 
 template <typename T>
@@ -627,7 +745,9 @@ __device__ void den_rows(const Params<T>& p, const Bufs<T>& sm, const T* q0, int
     const T* x = q0 + (c0 + t) * p.q_st;
     const float norm = p.fmap == kTaylor ? sm.qn[t] : 1.0f;
     S acc = 0;
-    for (int f = lane; f < p.F; f += 32) acc += static_cast<S>(feature(x, f, p.fmap, norm) * p.scale) * sm.z[f];
+    for (int f = lane; f < p.F; f += 32) {
+      acc += static_cast<S>(feature(x, f, p.fmap, norm) * p.scale) * static_cast<S>(sm.z[f]);
+    }
     if (intra) {
       for (int s = lane; s <= t; s += 32) acc += static_cast<S>(sm.p[t * p.lay.ldp + s]);
     }
@@ -639,15 +759,15 @@ __device__ void den_rows(const Params<T>& p, const Bufs<T>& sm, const T* q0, int
   }
 }
 
-// z += sum_(t < n) fk_t (fk recomputed from k in float); zt: z after each token t (row t * zt_st), or null.
+// z += sum_(t < n) fk_t (fk recomputed from k in float, summed in double); zt: z after each token t
+// (row t * zt_st), or null.
 template <typename T>
 __device__ void z_update(const Params<T>& p, const Bufs<T>& sm, const T* k0, int64_t c0, int n, float* zt,
                          int64_t zt_st) {
-  using S = typename Tr<T>::S;
   for (int f = threadIdx.x; f < p.F; f += kThreads) {
-    S acc = sm.z[f];
+    double acc = sm.z[f];
     for (int t = 0; t < n; ++t) {
-      acc += static_cast<S>(feature(k0 + (c0 + t) * p.k_st, f, p.fmap, p.fmap == kTaylor ? sm.kn[t] : 1.0f));
+      acc += feature(k0 + (c0 + t) * p.k_st, f, p.fmap, p.fmap == kTaylor ? sm.kn[t] : 1.0f);
       if (zt) zt[t * zt_st + f] = static_cast<float>(acc);
     }
     sm.z[f] = acc;
@@ -675,18 +795,17 @@ __device__ void row_coefs(const Params<T>& p, const Bufs<T>& sm, int64_t row, in
   }
 }
 
-// Gz_t = Gz_after + sum_(s >= t in the chunk) gd_s fq_s for the chunk's rows (from the last), into
-// gzt[t * gzt_st] (if not null); sm.z becomes Gz before the chunk.
+// Gz_t = Gz_after + sum_(s >= t in the chunk) gd_s fq_s for the chunk's rows (from the last, in
+// double), into gzt[t * gzt_st] (if not null); sm.z becomes Gz before the chunk.
 template <typename T>
 __device__ void gz_update(const Params<T>& p, const Bufs<T>& sm, const T* q0, int64_t c0, int n, float* gzt,
                           int64_t gzt_st) {
-  using S = typename Tr<T>::S;
   for (int f = threadIdx.x; f < p.F; f += kThreads) {
-    S acc = sm.z[f];
+    double acc = sm.z[f];
     for (int t = n - 1; t >= 0; --t) {
       if (p.normalize) {
         const float fq = feature(q0 + (c0 + t) * p.q_st, f, p.fmap, p.fmap == kTaylor ? sm.qn[t] : 1.0f) * p.scale;
-        acc += sm.gd[t] * static_cast<S>(fq);
+        acc += static_cast<double>(sm.gd[t]) * fq;
       }
       if (gzt) gzt[t * gzt_st + f] = static_cast<float>(acc);
     }
@@ -701,8 +820,15 @@ struct Walk {
   using S = typename Tr<T>::S;
   const Params<T>& p;
   Bufs<T> sm;
-  T* qlo;  // the features' lo halves; null when T holds them exactly (identity, relu, unrotated)
+  T* qlo;  // the features' lo pieces; null when T holds them exactly (identity, relu, unrotated)
   T* klo;
+  // third pieces, where the kernel's layout has them (else null): rq (reverse walk), rk (forward, forward
+  // walk), the state and the scores (forward walk), gN (reverse walk)
+  T* q3;
+  T* k3;
+  T* s3;
+  T* p3;
+  T* g3;
   int64_t n;
   int h, tile, j0, cols;
   Seq s;
@@ -718,6 +844,11 @@ struct Walk {
     const bool exact = !rope && (p.fmap == kIdentity || p.fmap == kRelu);
     qlo = exact ? nullptr : sm.ql;
     klo = exact ? nullptr : sm.kl;
+    q3 = at_off<T>(smem, p.lay.q3);
+    k3 = at_off<T>(smem, p.lay.k3);
+    s3 = at_off<T>(smem, p.lay.s3);
+    p3 = at_off<T>(smem, p.lay.p3);
+    g3 = at_off<T>(smem, p.lay.g3);
     tile = static_cast<int>(w % p.ntiles);
     h = static_cast<int>(w / p.ntiles % p.H);
     n = w / (int64_t{p.ntiles} * p.H);
@@ -731,20 +862,25 @@ struct Walk {
     g0 = p.g ? p.g + row0 * p.Dv + j0 : nullptr;
   }
 
+  // Operands: Q, K in two pieces (products for q-dtype outputs), Q3, K3 with their third pieces where
+  // the walk has them (products for float32 outputs); the state and the scores as split.
   __device__ Opnd<T> Q() const { return {sm.q, qlo, p.lay.ldf}; }
   __device__ Opnd<T> K() const { return {sm.k, klo, p.lay.ldf}; }
+  __device__ Opnd<T> Q3() const { return {sm.q, qlo, p.lay.ldf, q3}; }
+  __device__ Opnd<T> K3() const { return {sm.k, klo, p.lay.ldf, k3}; }
   __device__ Opnd<T> V() const { return {sm.v, nullptr, p.lay.ldv}; }
   __device__ Opnd<T> G() const { return {sm.g, nullptr, p.lay.ldv}; }
-  __device__ Opnd<T> scores() const { return {sm.ph, sm.pl, p.lay.ldh}; }  // split_scores' operand
-  __device__ auto state() const { return state_op(p, sm); }
+  __device__ Opnd<T> scores() const { return {sm.ph, sm.pl, p.lay.ldh, p3}; }  // split_scores' operand
+  __device__ auto state() const { return state_op(p, sm, s3); }
   __device__ ToSmem<float> to_scores() const { return {sm.p, p.lay.ldp, false}; }
   __device__ ToSmem<S> onto_state() const { return {sm.st, p.lay.lds, true}; }
 
-  __device__ void load_q(int64_t c0, int rows, bool rotate) const {
-    load_features(p, sm.q, qlo, p.lay.ldf, sm.qn, q0, p.q_st, s, c0, rows, rotate);
+  // third: with the third piece (where the walk has one)
+  __device__ void load_q(int64_t c0, int rows, bool rotate, bool third = false) const {
+    load_features(p, sm.q, qlo, third ? q3 : nullptr, p.lay.ldf, sm.qn, q0, p.q_st, s, c0, rows, rotate);
   }
-  __device__ void load_k(int64_t c0, int rows, bool rotate) const {
-    load_features(p, sm.k, klo, p.lay.ldf, sm.kn, k0, p.k_st, s, c0, rows, rotate);
+  __device__ void load_k(int64_t c0, int rows, bool rotate, bool third = false) const {
+    load_features(p, sm.k, klo, third ? k3 : nullptr, p.lay.ldf, sm.kn, k0, p.k_st, s, c0, rows, rotate);
   }
   __device__ void load_v(int64_t c0, int rows) const { load_tile(p, sm.v, p.lay.ldv, v0, p.v_st, c0, rows, cols); }
   __device__ void load_g(int64_t c0, int rows) const {
@@ -761,10 +897,10 @@ struct Walk {
     store_state(p, sm, p.s_out, p.z_out, n * p.H + h, j0, cols, tile == 0);
     __syncthreads();
   }
-  // The state as hi / lo operands (tensor cores) and their scale; a barrier follows.
+  // The state as hi / lo (/ s3) operands (tensor cores) and their scale; a barrier follows.
   __device__ float split() const {
     float up = 1.0f;
-    if constexpr (Tr<T>::kTc) up = split_state(p, sm);
+    if constexpr (Tr<T>::kTc) up = split_state(p, sm, s3);
     __syncthreads();
     return up;
   }
@@ -786,16 +922,16 @@ struct Walk {
     den_rows(p, sm, q0, c0, rows, true, den_out);
     __syncthreads();
   }
-  // S += RK^T V
+  // S += RK^T V (rk in three pieces where the walk has them)
   __device__ void add_kv() const {
-    gemm(sm, p.Fp, p.lay.dvt, kFull, onto_state(), term<true, false>(K(), V(), p.lay.C));
+    gemm(sm, p.Fp, p.lay.dvt, kFull, onto_state(), term3<true, false>(K3(), V(), p.lay.C));
   }
   // The global form's state: S += RK^T V and (with_z) z += colsum(FK) over the sequence; returns the
   // split's scale.
   __device__ float sum_kv(bool with_z) const {
     for (int64_t c0 = 0; c0 < s.len; c0 += p.lay.C) {
       const int rows = rows_in(s, c0, p.lay.C);
-      load_k(c0, rows, rope);
+      load_k(c0, rows, rope, true);
       load_v(c0, rows);
       __syncthreads();
       add_kv();
@@ -849,6 +985,7 @@ __device__ __forceinline__ void for_each_walk(const Params<T>& p, Fn fn) {
 // Forward: out, and the final state.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) la_forward_kernel(const Params<T> p) {
+  constexpr bool tc = Tr<T>::kTc;  // tensor cores: the state's products read its split, not the state
   const int C = p.lay.C, dvt = p.lay.dvt, Fp = p.Fp;
   for_each_walk(p, [&](const Walk<T>& W) {
     const auto& sm = W.sm;
@@ -858,22 +995,28 @@ __global__ void __launch_bounds__(kThreads) la_forward_kernel(const Params<T> p)
         const int n = rows_in(W.s, c0, C);
         if (W.rope && p.normalize) W.chunk_den(c0, n, true, nullptr);
         W.load_q(c0, n, W.rope);
-        W.load_k(c0, n, W.rope);
+        W.load_k(c0, n, W.rope, true);
         W.load_v(c0, n);
         __syncthreads();
+        if constexpr (tc) {
+          W.add_kv();  // first: rk's third piece shares memory with the scores' buffers
+          if (p.lay.state_sync) __syncthreads();
+        }
         if (p.normalize && !W.rope) {
           W.chunk_den(c0, n, false, nullptr);  // its scores are the numerator's too
         } else {
           W.qk_scores();
           __syncthreads();
         }
-        const float p_up = split_scores(p, sm, kLower, static_cast<const typename Tr<T>::S*>(nullptr));
+        const float p_up = split_scores(p, sm, kLower, static_cast<const typename Tr<T>::S*>(nullptr), W.p3);
         __syncthreads();
         gemm(sm, C, dvt, kFull, W.to_out(p.out, c0, n, p.normalize),
              term<false, false>(W.Q(), W.state(), Fp, kFull, s_up * p.scale),
              term<false, false>(W.scores(), W.V(), C, kLower, p_up));
-        __syncthreads();
-        W.add_kv();
+        if constexpr (!tc) {
+          __syncthreads();
+          W.add_kv();
+        }
         z_update(p, sm, W.k0, c0, n, nullptr, 0);
         __syncthreads();
         s_up = W.split();
@@ -895,10 +1038,13 @@ __global__ void __launch_bounds__(kThreads) la_forward_kernel(const Params<T> p)
 }
 
 // Backward, forward walk: U_t = S_t g_t (this tile's share) into wsq[tile]; with normalize also den_t,
-// the share of g_t . num_t = rq_t . U_t into dot[tile], and (tile 0) z_t into wsq[ntiles].
+// the share of g_t . num_t = rq_t . U_t into dot[tile], and (tile 0) z_t into wsq[ntiles]. With
+// normalize, den and g . num (through gd) feed dz0 and dS0: U exact (three pieces of the state, the
+// scores and rk) and den_t = fq_t . z_t in float, as the reference has it.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) la_backward_fwd_kernel(const Params<T> p) {
+__global__ void __launch_bounds__(kThreads, 1) la_backward_fwd_kernel(const Params<T> p) {
   using S = typename Tr<T>::S;
+  constexpr bool tc = Tr<T>::kTc;
   const int C = p.lay.C, dvt = p.lay.dvt, Fp = p.Fp;
   for_each_walk(p, [&](const Walk<T>& W) {
     const auto& sm = W.sm;
@@ -907,59 +1053,63 @@ __global__ void __launch_bounds__(kThreads) la_backward_fwd_kernel(const Params<
     float* den0 = p.den + W.row0;
     float* dot0 = p.dot + W.tile * p.ntok * p.H + W.row0;
     const bool den_here = p.normalize && W.tile == 0;  // den and z_t: one tile's work
-    // the tile's share of g_t . num_t = rq_t . U_t, from U's rows just written
-    auto dots = [&](int64_t c0, int n) {
-      const int lane = threadIdx.x & 31, ldf = p.lay.ldf;
+    // per row t of the chunk (a warp each), from the rows of U (and z_t) just written: the tile's share
+    // of g_t . num_t = rq_t . U_t, and (den_here) den_t = fq_t . z_t (zt: the z_t rows; null: sm.z);
+    // the features recomputed in float
+    auto rows = [&](int64_t c0, int n, const float* zt) {
+      const int lane = threadIdx.x & 31;
       for (int t = threadIdx.x >> 5; t < n; t += kWarps) {
+        const T* x = W.q0 + (c0 + t) * p.q_st;
         const float* u = u0 + (c0 + t) * p.H * Fp;
-        S acc = 0;
+        const float norm = row_norm(p, x);
+        const float pos = W.rope ? position(p, W.s.b, W.s.start + c0 + t, c0 + t) : 0.0f;
+        S dot = 0, den = 0;
         for (int f = lane; f < p.F; f += 32) {
-          const float rq = to_f(sm.q[t * ldf + f]) + (W.qlo ? to_f(W.qlo[t * ldf + f]) : 0.0f);
-          acc += static_cast<S>(rq) * static_cast<S>(u[f]);
+          dot += static_cast<S>(feature_at(p, x, f, norm, W.rope, pos)) * static_cast<S>(u[f]);
+          if (den_here) {
+            const S zf = zt ? static_cast<S>(zt[(c0 + t) * p.H * Fp + f]) : static_cast<S>(sm.z[f]);
+            den += static_cast<S>(feature(x, f, p.fmap, norm) * p.scale) * zf;
+          }
         }
-        acc = kx::warp_reduce(acc, kx::Sum());
-        if (lane == 0) dot0[(c0 + t) * p.H] = static_cast<float>(acc * static_cast<S>(p.scale));
+        dot = kx::warp_reduce(dot, kx::Sum());
+        if (den_here) den = kx::warp_reduce(den, kx::Sum());
+        if (lane == 0) {
+          dot0[(c0 + t) * p.H] = static_cast<float>(dot * static_cast<S>(p.scale));
+          if (den_here) den0[(c0 + t) * p.H] = static_cast<float>(den);
+        }
       }
     };
     float s_up = W.begin();
     if (p.causal) {
       for (int64_t c0 = 0; c0 < W.s.len; c0 += C) {
         const int n = rows_in(W.s, c0, C);
-        if (den_here && W.rope) W.chunk_den(c0, n, true, den0);
-        W.load_q(c0, n, W.rope);
-        W.load_k(c0, n, W.rope);
+        W.load_k(c0, n, W.rope, true);
         W.load_v(c0, n);
         W.load_g(c0, n);
         __syncthreads();
-        if (den_here && !W.rope) W.chunk_den(c0, n, false, den0);
+        if constexpr (tc) W.add_kv();  // first: rk's third piece is read after the scores' split
         gemm(sm, C, C, kLower, W.to_scores(), term<false, true>(W.G(), W.V(), dvt));
         __syncthreads();
-        const float p_up = split_scores(p, sm, kLower, static_cast<const S*>(nullptr));
+        const float p_up = split_scores(p, sm, kLower, static_cast<const S*>(nullptr), W.p3);
         __syncthreads();
-        gemm(sm, C, Fp, kFull, W.to_slot(u0, c0, n), term<false, true>(W.G(), W.state(), dvt, kFull, s_up),
-             term<false, false>(W.scores(), W.K(), C, kLower, p_up));
-        __syncthreads();
-        if (p.normalize) dots(c0, n);
-        W.add_kv();
+        gemm(sm, C, Fp, kFull, W.to_slot(u0, c0, n), term3<false, true>(W.G(), W.state(), dvt, kFull, s_up),
+             term3<false, false>(W.scores(), W.K3(), C, kLower, p_up));
         if (den_here) z_update(p, sm, W.k0, c0, n, zt0 + c0 * p.H * Fp, int64_t{p.H} * Fp);
         __syncthreads();
+        if (p.normalize) rows(c0, n, zt0);
+        if constexpr (!tc) W.add_kv();  // float32: U read the state itself
         s_up = W.split();
       }
     } else {
       s_up = W.sum_kv(den_here);
       for (int64_t c0 = 0; c0 < W.s.len; c0 += C) {
         const int n = rows_in(W.s, c0, C);
-        W.load_q(c0, n, W.rope);
         W.load_g(c0, n);
         __syncthreads();
-        if (den_here) {
-          den_rows(p, sm, W.q0, c0, n, false, den0);
-          W.z_to_slot(zt0, c0, n);
-        }
-        gemm(sm, C, Fp, kFull, W.to_slot(u0, c0, n), term<false, true>(W.G(), W.state(), dvt, kFull, s_up));
+        if (den_here) W.z_to_slot(zt0, c0, n);
+        gemm(sm, C, Fp, kFull, W.to_slot(u0, c0, n), term3<false, true>(W.G(), W.state(), dvt, kFull, s_up));
         __syncthreads();
-        if (p.normalize) dots(c0, n);
-        __syncthreads();
+        if (p.normalize) rows(c0, n, nullptr);
       }
     }
   });
@@ -968,8 +1118,9 @@ __global__ void __launch_bounds__(kThreads) la_backward_fwd_kernel(const Params<
 // Backward, reverse walk with G, Gz: dRK (this tile's share) into wsk[tile], dv, Gz_t into
 // wsk[ntiles] (tile 0), dS0 and dz0.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) la_backward_rev_kernel(const Params<T> p) {
+__global__ void __launch_bounds__(kThreads, 1) la_backward_rev_kernel(const Params<T> p) {
   using S = typename Tr<T>::S;
+  constexpr bool tc = Tr<T>::kTc;
   const int C = p.lay.C, dvt = p.lay.dvt, Fp = p.Fp;
   for_each_walk(p, [&](const Walk<T>& W) {
     const auto& sm = W.sm;
@@ -978,17 +1129,17 @@ __global__ void __launch_bounds__(kThreads) la_backward_rev_kernel(const Params<
     const S* colscale = p.normalize ? sm.a : nullptr;  // M' o (.) scaled by a_s: the scores meet gN
     // rq, g, a, gd of a chunk, and gN = a g: the operands of G += RQ^T gN; returns gN's split scale
     auto load_q_side = [&](int64_t c0, int n) {
-      W.load_q(c0, n, W.rope);
+      W.load_q(c0, n, W.rope, true);
       W.load_g(c0, n);
       if (p.normalize) row_coefs(p, sm, W.row0 + c0 * p.H, n);
       __syncthreads();
-      const float up = p.normalize ? split_gn(p, sm) : 1.0f;
+      const float up = p.normalize ? split_gn(p, sm, W.g3) : 1.0f;
       __syncthreads();
       return up;
     };
-    auto add_qgn = [&](float gn_up) {  // G += RQ^T gN
-      const Opnd<T> gn = p.normalize ? Opnd<T>{sm.gnh, sm.gnl, p.lay.ldv} : W.G();
-      gemm(sm, Fp, dvt, kFull, W.onto_state(), term<true, false>(W.Q(), gn, C, kFull, gn_up * p.scale));
+    auto add_qgn = [&](float gn_up) {  // G += RQ^T gN, exact (rq's and gN's third pieces)
+      const Opnd<T> gn = p.normalize ? Opnd<T>{sm.gnh, sm.gnl, p.lay.ldv, W.g3} : W.G();
+      gemm(sm, Fp, dvt, kFull, W.onto_state(), term3<true, false>(W.Q3(), gn, C, kFull, gn_up * p.scale));
     };
     float g_up = W.begin();
     if (p.causal) {
@@ -997,21 +1148,27 @@ __global__ void __launch_bounds__(kThreads) la_backward_rev_kernel(const Params<
         W.load_k(c0, n, W.rope);
         W.load_v(c0, n);
         const float gn_up = load_q_side(c0, n);
+        if constexpr (tc) {
+          add_qgn(gn_up);  // first: the third pieces share memory with the scores' buffers
+          if (p.lay.state_sync) __syncthreads();
+        }
         gemm(sm, C, C, kUpper, W.to_scores(), term<false, true>(W.V(), W.G(), dvt));
         __syncthreads();
-        float p_up = split_scores(p, sm, kUpper, colscale);
+        float p_up = split_scores(p, sm, kUpper, colscale, static_cast<T*>(nullptr));
         __syncthreads();
         gemm(sm, C, Fp, kFull, W.to_slot(drk0, c0, n), term<false, true>(W.V(), W.state(), dvt, kFull, g_up),
              term<false, false>(W.scores(), W.Q(), C, kUpper, p_up * p.scale));
         __syncthreads();
         gemm(sm, C, C, kUpper, W.to_scores(), term<false, true>(W.K(), W.Q(), Fp, kFull, p.scale));
         __syncthreads();
-        p_up = split_scores(p, sm, kUpper, colscale);
+        p_up = split_scores(p, sm, kUpper, colscale, static_cast<T*>(nullptr));
         __syncthreads();
         gemm(sm, C, dvt, kFull, W.to_out(p.out, c0, n, false), term<false, false>(W.K(), W.state(), Fp, kFull, g_up),
              term<false, false>(W.scores(), W.G(), C, kUpper, p_up));
-        __syncthreads();
-        add_qgn(gn_up);
+        if constexpr (!tc) {
+          __syncthreads();
+          add_qgn(gn_up);
+        }
         if (W.tile == 0) gz_update(p, sm, W.q0, c0, n, gzt0 ? gzt0 + c0 * p.H * Fp : nullptr, int64_t{p.H} * Fp);
         __syncthreads();
         g_up = W.split();
@@ -1342,20 +1499,29 @@ Params<T> make_params(const Checked& c, const at::Tensor& q, const at::Tensor& k
 // The chunk and value-tile sizes: the largest that fit the device's shared memory, a long chunk first
 // (tensor-core work per chunk) but no longer than the padded sequences, and value tiles of up to 64
 // columns (a tile's block recomputes the chunk's scores: wider tiles, less of that, but fewer blocks).
+// The forward: p.lay; the backward: the reverse walk's p.lay and the forward walk's *walk_lay, with the
+// same sizes. Compact layouts only when nothing else fits.
 template <typename T>
-void choose_layout(Params<T>& p, int device, bool bwd) {
+void choose_layout(Params<T>& p, int device, Layout* walk_lay = nullptr) {
   const int64_t limit = kx::max_smem_optin(device);
   const int dv16 = (p.Dv + 15) / 16 * 16;
+  const bool exact = p.inv_freq == nullptr && (p.fmap == kIdentity || p.fmap == kRelu);
   int cmax = Tr<T>::kTc ? 64 : 32;
   while (cmax > 16 && cmax / 2 >= p.seqlen) cmax /= 2;
-  for (int C = cmax; C >= 16; C /= 2) {
-    for (int dvt : {std::min(dv16, 64), 32, 16}) {
-      if (dvt > dv16) continue;
-      const Layout l = make_layout<T>(C, p.Fp, dvt, bwd);
-      if (l.bytes <= limit) {
-        p.lay = l;
-        p.ntiles = (p.Dv + dvt - 1) / dvt;
-        return;
+  for (bool compact : {false, true}) {
+    for (int C = cmax; C >= 16; C /= 2) {
+      for (int dvt : {std::min(dv16, 64), 32, 16}) {
+        if (dvt > dv16) continue;
+        const Layout l = make_layout<T>(walk_lay ? kBackwardReverseWalk : kForwardWalk, C, p.Fp, dvt, exact,
+                                        p.normalize, compact);
+        const Layout w =
+            walk_lay ? make_layout<T>(kBackwardForwardWalk, C, p.Fp, dvt, exact, p.normalize, compact) : l;
+        if (l.bytes <= limit && w.bytes <= limit) {
+          p.lay = l;
+          if (walk_lay) *walk_lay = w;
+          p.ntiles = (p.Dv + dvt - 1) / dvt;
+          return;
+        }
       }
     }
   }
@@ -1398,7 +1564,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_cuda(
     }
     p.s_out = S.data_ptr<float>();
     p.z_out = z.data_ptr<float>();
-    choose_layout(p, q.get_device(), false);
+    choose_layout(p, q.get_device());
     launch_walk(la_forward_kernel<T>, p);
   };
   switch (q.scalar_type()) {
@@ -1434,7 +1600,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_at
     using T = decltype(tag);
     Params<T> p = make_params<T>(c, q, k, v, cu_seqlens, positions, inv_freq, interleaved, feature_map, scale,
                                  normalize, eps, causal);
-    choose_layout(p, q.get_device(), true);
+    Layout walk_lay;
+    choose_layout(p, q.get_device(), &walk_lay);
     const auto f32 = q.options().dtype(at::kFloat);
     // workspaces: the value tiles' shares of d rq / a and d rk, then z_t and Gz_t; den_t; g_t . num_t
     const at::Tensor wsq = at::empty({(p.ntiles + 1) * p.ntok * c.H * p.Fp}, f32);
@@ -1447,6 +1614,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_at
     p.den = den.data_ptr<float>();
     p.dot = dot.data_ptr<float>();
     Params<T> fwd = p;
+    fwd.lay = walk_lay;
     if (S0) {
       fwd.s_in = S0->const_data_ptr<float>();
       fwd.z_in = z0->const_data_ptr<float>();
