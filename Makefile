@@ -19,7 +19,7 @@ SOURCES := setup.py $(shell find csrc -type f)
 # one test worker per core (pytest-xdist); the GPU session asks for 8 (tools/gpu_session.sh)
 PYTEST_ARGS ?= -n auto
 
-.PHONY: test bench env build cuda-check clean
+.PHONY: test bench env build cuda-check triton-check clean
 
 env: $(ENV_STAMP)
 
@@ -49,7 +49,12 @@ CUDA_CHECK_ARGS ?=
 cuda-check: $(ENV_STAMP)
 	$(PY) tools/check_cuda.py $(CUDA_CHECK_ARGS)
 
-test: build cuda-check
+# Every Triton kernel variant must compile for sm_90 (Triton's compiler and ptxas, no GPU needed): the
+# interpreter that runs them in CI never lowers tl.dot or allocates registers and shared memory.
+triton-check: build
+	env -u TRITON_INTERPRET $(PY) tools/check_triton.py
+
+test: build cuda-check triton-check
 	$(PY) -m pytest -q -ra tests $(PYTEST_ARGS)
 	# the benchmark suite once, untimed: the harness and its cases must keep working
 	$(PY) -m pytest -q benchmarks --benchmark-disable

@@ -1,0 +1,141 @@
+"""Compiles every family's Triton kernels for a GPU architecture without a GPU (Triton's own compiler and
+ptxas; nothing runs): the code path the interpreter does not take (tl.dot lowering, layouts, shared
+memory, register allocation) fails here, in CI, instead of on the first GPU machine.
+
+    python tools/check_triton.py [--arch 90]
+
+How: the launchers run on CPU tensors with torch.library.wrap_triton replaced by a recorder (they launch
+through it when traceable=True), so each launch's kernel, arguments and constexprs are captured and
+compiled with triton.compile(ASTSource, GPUTarget("cuda", arch, 32)). The configurations below cover the
+kernels' dtype, feature-map, RoPE, causal/global, normalisation, segment and step variants. Prints one line
+per distinct compilation (time, shared memory); exits 1 on the first failure. Must run without
+TRITON_INTERPRET (the interpreter replaces the kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("check_triton: unset TRITON_INTERPRET (the interpreter replaces the kernels)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import kxops  # noqa: E402,F401  (the package's triton_kernels)
+from kxops.triton_kernels import linear_attention as la  # noqa: E402
+from kxops.triton_kernels import rope  # noqa: E402
+
+_RECORDS: list = []
+
+
+class _Recorder:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: _RECORDS.append((self.kernel, args, kw))
+
+
+_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+          torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+
+
+def _signature(kernel, args, kw):
+    """ASTSource's signature and constexprs, and the compile options, of one recorded launch."""
+    options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+    constexpr = {p.name for p in kernel.params if p.is_constexpr}
+    sig, consts, pos = {}, {}, iter(args)
+    for i, name in enumerate(kernel.arg_names):
+        a = kw[name] if name in constexpr else next(pos)
+        if name in constexpr or a is None:
+            sig[name] = "constexpr"
+            consts[(i,)] = a
+        elif isinstance(a, torch.Tensor):
+            sig[name] = "*" + _TYPES[a.dtype]
+        elif isinstance(a, bool):
+            sig[name] = "i1"
+        elif isinstance(a, int):
+            sig[name] = "i64" if not -2**31 <= a < 2**31 else "i32"
+        elif isinstance(a, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: argument {name} of type {type(a).__name__}")
+    return sig, consts, options
+
+
+def _linear_attention():
+    r = torch.randn
+    for dtype, fm, rope_mode, causal, normalize, Dk, Dv, segments in [
+            (torch.bfloat16, 0, 0, True, False, 128, 128, 1),   # FLA's benchmark form: identity, raw
+            (torch.bfloat16, 1, 0, True, True, 128, 128, 2),    # elu1, normalised, segments
+            (torch.float16, 3, 1, True, True, 64, 64, 2),       # taylor, RoPE half
+            (torch.float32, 1, 2, False, True, 128, 96, 1),     # float32 (float64 compute), global, RoPE pairs
+            (torch.bfloat16, 2, 0, True, True, 256, 256, 2)]:   # the largest head dims, Dv blocks
+        la.TUNING["segments"] = segments
+        B, T, H = 1, 256, 2
+        q, k, v = r(B, T, H, Dk).to(dtype), r(B, T, H, Dk).to(dtype), r(B, T, H, Dv).to(dtype)
+        F = Dk + (fm == 3)
+        inv = (1.0 / 10000 ** (torch.arange(0, Dk, 2) / Dk)).float() if rope_mode else None
+        pos = torch.arange(T).expand(B, T) if rope_mode == 2 else None
+        S0, z0 = torch.zeros(B, H, F, Dv), torch.zeros(B, H, F)
+        args = (None, pos, inv, rope_mode == 2, fm, Dk ** -0.5, normalize, 1e-6, causal)
+        la.linear_attention_fwd(q, k, v, S0, z0, *args, torch.empty(B, T, H, Dv, dtype=dtype),
+                                torch.empty(B, H, F, Dv), torch.empty(B, H, F))
+        la.linear_attention_bwd(torch.randn_like(v), torch.zeros(B, H, F, Dv), torch.zeros(B, H, F), q, k, v, S0, z0,
+                                *args, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                                torch.empty(B, H, F, Dv), torch.empty(B, H, F))
+    la.TUNING["segments"] = None
+    for dtype, fm, Dk, Dv in [(torch.bfloat16, 1, 64, 64), (torch.float32, 3, 128, 128)]:
+        q, v = r(4, 2, Dk).to(dtype), r(4, 2, Dv).to(dtype)
+        F = Dk + (fm == 3)
+        la.linear_attention_step(q, q, v, torch.zeros(4, 2, F, Dv), torch.zeros(4, 2, F), fm, 0.125, True, 1e-6,
+                                 torch.empty(4, 2, Dv, dtype=dtype), torch.empty(4, 2, F, Dv), torch.empty(4, 2, F))
+
+
+def _rope():
+    inv = (1.0 / 10000 ** (torch.arange(0, 64, 2) / 64)).float()
+    for dtype, interleaved in [(torch.bfloat16, False), (torch.float32, True)]:
+        q, k = torch.randn(2, 16, 4, 64).to(dtype), torch.randn(2, 16, 2, 64).to(dtype)
+        rope.rope_launch(q, torch.empty_like(q), k, torch.empty_like(k), None, None, 0, None, inv, None, 64,
+                         interleaved, False, False)
+
+
+FAMILIES = {"linear_attention": _linear_attention, "rope": _rope}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90 (default 90)")
+    ap.add_argument("--family", action="append", help="only these families (default: all)")
+    a = ap.parse_args(argv)
+    torch.library.wrap_triton = _Recorder
+    for name in a.family or FAMILIES:
+        FAMILIES[name]()
+    seen, t0 = set(), time.time()
+    for kernel, args, kw in _RECORDS:
+        sig, consts, options = _signature(kernel, list(args), dict(kw))
+        key = (kernel.__name__, repr(sorted(sig.items())), repr(sorted(consts.items(), key=str)), repr(options))
+        if key in seen:
+            continue
+        seen.add(key)
+        t = time.time()
+        try:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                                      target=GPUTarget("cuda", a.arch, 32), options=options)
+        except Exception as e:  # noqa: BLE001
+            print(f"check_triton: {kernel.__name__} failed for sm_{a.arch}: {type(e).__name__}: {e}\n"
+                  f"  signature {sig}\n  constexprs {consts}\n  options {options}", file=sys.stderr)
+            return 1
+        print(f"{kernel.__name__:26s} {time.time() - t:5.1f} s  shared {compiled.metadata.shared} B")
+    print(f"check_triton: {len(seen)} compilations for sm_{a.arch} in {time.time() - t0:.0f} s (triton "
+          f"{triton.__version__})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
