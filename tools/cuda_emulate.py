@@ -56,8 +56,9 @@ Covered:
   through their host paths, with BuildExtension's __CUDA_NO_HALF*__ defines;
 - host side: c10::cuda::getCurrentCUDAStream, CUDAGuard, OptionalCUDAGuard, current_device,
   C10_CUDA_CHECK, C10_CUDA_KERNEL_LAUNCH_CHECK, cudaDeviceGetAttribute (2 SMs, H100 limits),
-  cudaFuncSetAttribute, cudaMemsetAsync, cudaMemcpyAsync, cudaGetLastError; `.is_cuda()` and
-  at::kCUDA mean CPU;
+  cudaFuncSetAttribute, cudaMemsetAsync, cudaMemcpyAsync, cudaGetLastError / cudaPeekAtLastError (a
+  sticky last error), cudaStreamIsCapturing ($KXOPS_EMU_STREAM_CAPTURE: none, active, invalidated or
+  no-context, a failing call); `.is_cuda()` and at::kCUDA mean CPU;
 - kx_cuda.cuh: kx::load_aligned / store_aligned check the alignment, kx::max_grid_x() is
   $KXOPS_EMU_GRID_CAP (default INT_MAX), kx::num_sms() is 2, kx::max_smem_optin() is 227 KB or
   $KXOPS_EMU_SMEM_OPTIN bytes (cudaDeviceGetAttribute and cudaFuncSetAttribute follow it).
@@ -621,7 +622,29 @@ inline cudaError_t get_device(int* d) {
   *d = 0;
   return cudaSuccess;
 }
-inline cudaError_t no_error() { return cudaSuccess; }
+// The runtime's sticky last error: set by an emulated call that fails, returned and cleared by
+// cudaGetLastError (cudaPeekAtLastError leaves it).
+inline cudaError_t& last_error() {
+  static thread_local cudaError_t e = cudaSuccess;
+  return e;
+}
+inline cudaError_t get_last_error() { return std::exchange(last_error(), cudaSuccess); }
+inline cudaError_t peek_last_error() { return last_error(); }
+
+// Graph capture of the (only) stream, as $KXOPS_EMU_STREAM_CAPTURE says: "none" (default), "active",
+// "invalidated", or "no-context" (the call fails as before any CUDA context exists, and sets the last
+// error).
+inline cudaError_t stream_is_capturing(cudaStream_t, cudaStreamCaptureStatus* status) {
+  const char* v = std::getenv("KXOPS_EMU_STREAM_CAPTURE");
+  const std::string mode = v ? v : "none";
+  if (mode == "no-context") return last_error() = cudaErrorInitializationError;
+  TORCH_CHECK(mode == "none" || mode == "active" || mode == "invalidated",
+              "kx_emu: KXOPS_EMU_STREAM_CAPTURE must be none, active, invalidated or no-context, got ", mode);
+  *status = mode == "active"        ? cudaStreamCaptureStatusActive
+            : mode == "invalidated" ? cudaStreamCaptureStatusInvalidated
+                                    : cudaStreamCaptureStatusNone;
+  return cudaSuccess;
+}
 
 }  // namespace kx_emu
 
@@ -630,8 +653,9 @@ inline cudaError_t no_error() { return cudaSuccess; }
 #define cudaMemsetAsync ::kx_emu::memset_async
 #define cudaMemcpyAsync ::kx_emu::memcpy_async
 #define cudaGetDevice ::kx_emu::get_device
-#define cudaGetLastError ::kx_emu::no_error
-#define cudaPeekAtLastError ::kx_emu::no_error
+#define cudaGetLastError ::kx_emu::get_last_error
+#define cudaPeekAtLastError ::kx_emu::peek_last_error
+#define cudaStreamIsCapturing ::kx_emu::stream_is_capturing
 #define C10_CUDA_CHECK(EXPR)                                                           \
   do {                                                                                 \
     const cudaError_t kx_err = (EXPR);                                                 \
