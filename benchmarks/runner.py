@@ -161,6 +161,25 @@ def _detach(out):
     return out
 
 
+def provider_params(op: Op, compile_cases: set, compile_modes: Optional[tuple] = None) -> list:
+    """pytest parameters (case, provider, mode) of a family's pytest-benchmark suite: its small cases on
+    every device here, each provider that runs on that device; torch.compile providers only on
+    `compile_cases` (seconds per graph on a small CPU) and, when given, only in `compile_modes`."""
+    import pytest
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    params = []
+    for device in devices:
+        for case in op.small_cases(device):
+            for p in op.providers:
+                if device not in p.devices or (p.kind == "compile" and case.name not in compile_cases):
+                    continue
+                for mode in op.modes_for(case, p):
+                    if p.kind != "compile" or compile_modes is None or mode in compile_modes:
+                        params.append(pytest.param(case, p, mode, id=f"{device}-{case.name}-{p.name}-{mode}"))
+    return params
+
+
 def provider_test(op: Op, benchmark, case, provider, mode: str) -> None:
     """The pytest-benchmark suite's test of one (case, provider, mode) (benchmarks/test_bench_<family>.py):
     skipped where the provider or the reference cannot run here, the output checked against the reference

@@ -19,21 +19,9 @@ from benchmarks import runner, timing
 from benchmarks.core import Provider, Target
 
 OP = bench.OP
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # torch.compile costs seconds per graph on a small CPU: one case, forward only, proves the provider works.
 COMPILE_CASES = {"la-B2-T67-H2-D24-elu1-norm-fp32", "la-B2-T256-H4-D64-elu1-norm-bf16"}
 _BUDGET = timing.Budget(cpu_min_run_s=0.01, cpu_min_samples=2, host_block_s=0.002, host_blocks=3)
-
-
-def _params():
-    for device in DEVICES:
-        for case in OP.small_cases(device):
-            for p in OP.providers:
-                if device not in p.devices or (p.kind == "compile" and case.name not in COMPILE_CASES):
-                    continue
-                for mode in OP.modes_for(case, p):
-                    if p.kind != "compile" or mode == "fwd":
-                        yield pytest.param(case, p, mode, id=f"{device}-{case.name}-{p.name}-{mode}")
 
 
 def _skip_without_reference():
@@ -42,7 +30,7 @@ def _skip_without_reference():
         pytest.skip(f"reference: {why}")
 
 
-@pytest.mark.parametrize("case,provider,mode", list(_params()))
+@pytest.mark.parametrize("case,provider,mode", runner.provider_params(OP, COMPILE_CASES, ("fwd",)))
 def test_linear_attention_provider(benchmark, case, provider, mode):
     runner.provider_test(OP, benchmark, case, provider, mode)
 

@@ -21,22 +21,11 @@ from benchmarks import runner, timing
 from benchmarks.core import MODES, Target
 
 OP = bench_rope.OP
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # torch.compile costs seconds per graph on a small CPU: one case proves the provider works.
 COMPILE_CASES = {"qk-B2-S128-Hq4-Hk2-D64-fp32", "qk-B2-S128-Hq4-Hk2-D64-bf16"}
 
 
-def _params():
-    for device in DEVICES:
-        for case in OP.small_cases(device):
-            for p in OP.providers:
-                if device not in p.devices or (p.kind == "compile" and case.name not in COMPILE_CASES):
-                    continue
-                for mode in OP.modes_for(case, p):
-                    yield pytest.param(case, p, mode, id=f"{device}-{case.name}-{p.name}-{mode}")
-
-
-@pytest.mark.parametrize("case,provider,mode", list(_params()))
+@pytest.mark.parametrize("case,provider,mode", runner.provider_params(OP, COMPILE_CASES))
 def test_rope_provider(benchmark, case, provider, mode):
     runner.provider_test(OP, benchmark, case, provider, mode)
 

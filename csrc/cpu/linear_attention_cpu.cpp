@@ -765,6 +765,17 @@ void check_floating(const char* op, const char* name, const Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
 }
 
+// q, k, v of a kernel op (forward, backward or step): one floating dtype, CPU, unit last stride.
+void check_qkv_tensors(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  check_floating(op, "q", q);
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ",
+              v.scalar_type());
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k and v must be on one device");
+  TORCH_CHECK(last_dim_unit(q) && last_dim_unit(k) && last_dim_unit(v), op,
+              ": q, k and v must have a unit stride on the last dimension");
+}
+
 void check_state(const char* op, const char* name, const Tensor& t, at::IntArrayRef shape, at::ScalarType acc,
                  bool contiguous) {
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", t.sizes());
@@ -797,13 +808,7 @@ Shape check_args(const char* op, const Tensor& q, const Tensor& k, const Tensor&
   TORCH_CHECK(v.dim() == 4 && v.size(0) == s.B && v.size(1) == s.T && v.size(2) == s.H, op,
               ": v must be (batch, seq, heads, head_dim_v) matching q ", q.sizes(), ", got ", v.sizes());
   s.Dv = v.size(3);
-  check_floating(op, "q", q);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ",
-              v.scalar_type());
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k and v must be on one device");
-  TORCH_CHECK(last_dim_unit(q) && last_dim_unit(k) && last_dim_unit(v), op,
-              ": q, k and v must have a unit stride on the last dimension");
+  check_qkv_tensors(op, q, k, v);
   check_head_dims(op, s.Dk, s.Dv);
   check_feature_map(op, feature_map);
   s.F = s.Dk + (feature_map == 3);
@@ -1050,13 +1055,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_attention_step(const Tensor& q, const 
   TORCH_CHECK(k.sizes() == q.sizes(), op, ": k must have q's shape ", q.sizes(), ", got ", k.sizes());
   TORCH_CHECK(v.dim() == 3 && v.size(0) == q.size(0) && v.size(1) == q.size(1), op,
               ": v must be (batch, heads, head_dim_v) matching q ", q.sizes(), ", got ", v.sizes());
-  check_floating(op, "q", q);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
-              ": q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), " and ",
-              v.scalar_type());
-  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(), op, ": q, k and v must be on one device");
-  TORCH_CHECK(last_dim_unit(q) && last_dim_unit(k) && last_dim_unit(v), op,
-              ": q, k and v must have a unit stride on the last dimension");
+  check_qkv_tensors(op, q, k, v);
   const int64_t B = q.size(0), H = q.size(1), Dk = q.size(2), Dv = v.size(2);
   check_head_dims(op, Dk, Dv);
   check_feature_map(op, feature_map);
