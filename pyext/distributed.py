@@ -15,6 +15,7 @@ the ranks before it. Per call and rank:
 - backward: one all_gather of the gradients of the initial states (and of the final state when some
   rank asked for it); each rank owes its state the sum over the ranks after it (the reverse exclusive
   prefix sum) plus the final state's gradients.
+- global form (causal=False): every rank needs the sum over all ranks: one all_reduce each way.
 
 Why all_gather and a local scan, not a scan of messages: one collective, one latency, however many
 ranks; a ring or tree scan takes W - 1 or log2 W dependent steps. The price is volume: a rank receives
@@ -84,11 +85,7 @@ def _seconds(timeout) -> Optional[float]:
     return timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else float(timeout)
 
 
-def _all_gather(buf: Tensor, ctx: "_Comm", what: str) -> Tensor:
-    """(world, *buf.shape): every rank's buf, in rank order."""
-    buf = buf.contiguous()
-    out = buf.new_empty(ctx.world * buf.numel())  # the concatenation (gloo takes no stacked output)
-    work = _all_gather_single(out, buf.reshape(-1), group=ctx.group, async_op=True)
+def _finish(work, ctx: "_Comm", what: str, nbytes: int, received: int):
     try:
         if ctx.timeout is None:
             work.wait()
@@ -98,13 +95,30 @@ def _all_gather(buf: Tensor, ctx: "_Comm", what: str) -> Tensor:
         if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
             raise
         raise TimeoutError(
-            f"{_WHAT}: the all_gather of {what} timed out on rank {ctx.rank} of {ctx.world}: every rank of the "
+            f"{_WHAT}: the collective of {what} timed out on rank {ctx.rank} of {ctx.world}: every rank of the "
             f"group must make the call (and run its backward) together") from e
-    nbytes = buf.numel() * buf.element_size()
     _STATS["collectives"] += 1
     _STATS["sent_bytes"] += nbytes
-    _STATS["received_bytes"] += nbytes * (ctx.world - 1)
+    _STATS["received_bytes"] += received
+
+
+def _all_gather(buf: Tensor, ctx: "_Comm", what: str) -> Tensor:
+    """(world, *buf.shape): every rank's buf, in rank order."""
+    buf = buf.contiguous()
+    out = buf.new_empty(ctx.world * buf.numel())  # the concatenation (gloo takes no stacked output)
+    work = _all_gather_single(out, buf.reshape(-1), group=ctx.group, async_op=True)
+    nbytes = buf.numel() * buf.element_size()
+    _finish(work, ctx, what, nbytes, nbytes * (ctx.world - 1))
     return out.view(ctx.world, *buf.shape)
+
+
+def _all_reduce(buf: Tensor, ctx: "_Comm", what: str) -> Tensor:
+    """The sum of every rank's buf (the same bits on every rank: each element is reduced once)."""
+    out = buf.contiguous().clone()
+    work = dist.all_reduce(out, group=ctx.group, async_op=True)
+    nbytes = out.numel() * out.element_size()
+    _finish(work, ctx, what, nbytes, nbytes)
+    return out
 
 
 class _Comm:
@@ -222,39 +236,34 @@ def _check_local(q, k, v, rank, initial_state, positions, common: dict):
 
 class _StatePrefix(torch.autograd.Function):
     """C (n,): this rank's state contribution (its own state; rank 0's includes initial_state) ->
-    (P (n,): the sum of the ranks before this one (causal) or of all other ranks (global),
-     F (n,): the sum over every rank, the same on each). The gradient a rank feeds into F is summed
-    over ranks, as for any value every rank holds (torch.distributed.nn's all_reduce does the same)."""
+    (P (n,): the sum over the ranks before this one (causal) or over the other ranks (global),
+     F (n,): the sum over every rank, the same bits on each).
+    Causal: one all_gather, then a prefix sum in rank order (the same additions on every rank).
+    Global: one all_reduce (a ring moves 2 (W - 1) / W states per rank, where an all_gather delivers
+    W - 1), P = F - C: the cancellation costs about one rounding of F, as the sum itself does.
+    The gradient a rank feeds into F is summed over ranks, as for any value every rank holds
+    (torch.distributed.nn's all_reduce does the same)."""
 
     @staticmethod
     def forward(ctx, C, _grad_anchor, comm: _Comm, causal: bool, with_final: bool):
         ctx.comm, ctx.causal, ctx.with_final = comm, causal, with_final
         ctx.data_device = C.device
-        allC = _all_gather(C.detach().to(comm.device), comm, "the states").to(C.device)
-        total = allC.cumsum(0)  # the same additions in the same order on every rank
+        if not causal:
+            F = _all_reduce(C.detach().to(comm.device), comm, "the states").to(C.device)
+            return F - C.detach(), F
+        total = _all_gather(C.detach().to(comm.device), comm, "the states").to(C.device).cumsum(0)
         r = comm.rank
-        if causal:
-            P = total[r - 1] if r > 0 else torch.zeros_like(C)
-        else:
-            P = torch.cat((allC[:r], allC[r + 1:])).cumsum(0)[-1] if comm.world > 1 else torch.zeros_like(C)
-        return P.clone(), total[-1].clone()
+        return (total[r - 1].clone() if r > 0 else torch.zeros_like(C)), total[-1].clone()
 
     @staticmethod
-    def backward(ctx, dP, dF):
-        comm = ctx.comm
-        dP = torch.zeros(0, device=ctx.data_device) if dP is None else dP
-        parts = [dP]
-        if ctx.with_final:
-            parts.append(dF if dF is not None else torch.zeros_like(dP))
-        n = max(p.numel() for p in parts)
-        parts = [p if p.numel() else p.new_zeros(n) for p in parts]
-        g = _all_gather(torch.stack(parts).to(comm.device), comm, "the state gradients").to(ctx.data_device)
-        r = comm.rank
-        gP = g[:, 0]
-        if ctx.causal:
-            dC = gP[r + 1:].sum(0) if r + 1 < comm.world else torch.zeros_like(gP[0])
-        else:
-            dC = torch.cat((gP[:r], gP[r + 1:])).sum(0) if comm.world > 1 else torch.zeros_like(gP[0])
+    def backward(ctx, dP, dF):  # (autograd passes zeros for an output without a gradient)
+        comm, r = ctx.comm, ctx.comm.rank
+        if not ctx.causal:  # P_r = F - C_r, F = sum_s C_s
+            dF_all = _all_reduce((dP + dF).to(comm.device), comm, "the state gradients").to(ctx.data_device)
+            return dF_all - dP, None, None, None, None
+        parts = torch.stack((dP, dF)) if ctx.with_final else dP[None]
+        g = _all_gather(parts.to(comm.device), comm, "the state gradients").to(ctx.data_device)
+        dC = g[r + 1:, 0].sum(0) if r + 1 < comm.world else torch.zeros_like(dP)  # the ranks after this one
         if ctx.with_final:
             dC = dC + g[:, 1].sum(0)
         return dC, None, None, None, None

@@ -274,6 +274,12 @@ def _special(name, rank, W):
             kxops.distributed.communication_stats(reset=True)
             (out.sum() + S.sum()).backward()
             assert kxops.distributed.communication_stats()["sent_bytes"] == 2 * state
+            kxops.distributed.communication_stats(reset=True)  # global: one all_reduce each way
+            out = la(q, k, v, causal=False, output_final_state=True)[0]
+            out.sum().backward()
+            glob = kxops.distributed.communication_stats(reset=True)
+            assert glob == dict(collectives=3, sent_bytes=512 + 2 * state,
+                                received_bytes=(W - 1) * 512 + 2 * state), glob
     elif name.startswith("bad-"):
         what = name[4:]
         kw = {}
