@@ -69,3 +69,48 @@ def test_linear_attention_distributed(world, case, tmp_root):
         if got.startswith("skip:"):
             pytest.skip(got[5:].strip())
         assert got == "ok", f"rank {r} of {world}:\n{got}"
+
+
+# ----------------------------------------------------------------------------------------------
+# One rank in this process: gloo on CPU here, NCCL on a GPU (where the header and the states travel
+# as CUDA tensors; one GPU admits one NCCL rank).
+
+@pytest.mark.parametrize("pg_backend,device", [("gloo", "cpu"), ("nccl", "cuda")])
+def test_single_rank_in_process(pg_backend, device, tmp_path):
+    import torch
+    import torch.distributed as dist
+
+    import kxops
+    from testing import assert_close_to_ref
+
+    if device == "cuda" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        pytest.skip("needs a GPU and NCCL")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group(pg_backend, store=store, rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(2, 37, 3, d, generator=g).to(device) for d in (8, 8, 6))
+        S0, z0 = torch.randn(2, 3, 8, 6, generator=g).to(device), torch.rand(2, 3, 8, generator=g).to(device)
+        gout = torch.randn(2, 37, 3, 6, generator=g).to(device)
+        for causal in (True, False):
+            leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, S0, z0)]
+            out, (S, z) = kxops.distributed.linear_attention(*leaves[:3], initial_state=tuple(leaves[3:]),
+                                                             output_final_state=True, rope=True, causal=causal)
+            ((out * gout).sum() + S.sum() + z.sum()).backward()
+            mine = (out, S, z, *(t.grad for t in leaves))
+            ref64 = []
+            for dt in (torch.float64, torch.float32):
+                leaves = [t.detach().to(dt).clone().requires_grad_() for t in (q, k, v, S0, z0)]
+                out, (S, z) = kxops.linear_attention(*leaves[:3], initial_state=tuple(leaves[3:]),
+                                                     output_final_state=True, rope=True, causal=causal,
+                                                     backend="reference")
+                ((out * gout.to(dt)).sum() + S.sum() + z.sum()).backward()
+                ref64.append((out, S, z, *(t.grad for t in leaves)))
+            for i, (d, r64, rlp) in enumerate(zip(mine, *ref64)):
+                assert d is not None, f"causal={causal} [{i}]: no gradient"
+                assert d.device.type == device
+                assert_close_to_ref(d, r64, rlp, f"causal={causal} [{i}]")
+    finally:
+        dist.destroy_process_group()
