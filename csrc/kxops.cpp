@@ -66,6 +66,12 @@ PyObject* PyInit__C(void) {
   "bool causal, str feature_map, bool normalize, float eps, float? scale, Tensor? S0, Tensor? z0, "   \
   "Tensor? cu_seqlens, bool rope, float rope_base, Tensor? positions, bool interleaved, str backend"
 
+// GlobalPointer (docs/global_pointer_kernel_contract.md): the fused span loss on normalised arguments
+// (CPU, CUDA; Triton as kxops::global_pointer_loss*_triton) and its reference.
+#define KX_GP_ARGS                                                                                    \
+  "Tensor? mask, Tensor? start_bias, Tensor? end_bias, Tensor? inv_freq, int H, float scale, bool tril, " \
+  "Tensor? pos_offsets, Tensor? pos_index, Tensor? targets"
+
 TORCH_LIBRARY(kxops, m) {
   m.def("rope(Tensor x, " KX_ROPE_ARGS ") -> Tensor");
   m.def("rope_(Tensor(a!) x, " KX_ROPE_ARGS ") -> ()");
@@ -93,4 +99,11 @@ TORCH_LIBRARY(kxops, m) {
   m.def("linear_attention_front(Tensor q, Tensor k, Tensor v, " KX_LA_FRONT_ARGS ") -> (Tensor, Tensor, Tensor)");
   m.def("linear_attention_step_front(Tensor q, Tensor k, Tensor v, Tensor S, Tensor z, str feature_map, "
         "bool normalize, float eps, float? scale, str backend) -> (Tensor, Tensor, Tensor)");
+
+  m.def("global_pointer_loss(Tensor q, Tensor k, " KX_GP_ARGS ") -> (Tensor, Tensor, Tensor)");
+  m.def("global_pointer_loss_backward(Tensor dloss, Tensor q, Tensor k, " KX_GP_ARGS
+        ", Tensor lse_neg, Tensor lse_pos) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("global_pointer_loss_reference(Tensor q, Tensor k, " KX_GP_ARGS ") -> (Tensor, Tensor, Tensor)");
+  m.def("global_pointer_loss_front(Tensor q, Tensor k, Tensor labels, Tensor? mask, bool rope, float base, "
+        "bool tril, float? scale, Tensor? start_bias, Tensor? end_bias, str reduction, str backend) -> Tensor");
 }

@@ -151,3 +151,45 @@ def global_pointer(q, k, mask=None, *, rope=True, base=10000.0, tril=True, scale
     """kxops.global_pointer's arguments, computed by the reference."""
     return global_pointer_logits(q, k, mask, rope=rope, base=base, tril=tril, scale=scale, start_bias=start_bias,
                                  end_bias=end_bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss on the kernel contract's normalised arguments (docs/global_pointer_kernel_contract.md).
+
+def loss_ref(q, k, mask, start_bias, end_bias, inv_freq, H: int, scale: float, tril: bool, pos_offsets, pos_index,
+             targets):
+    """(loss, lse_neg, lse_pos), each (B, H) in the state dtype: q, k (B, L, Hq, d) with Hq = H or 1; mask
+    (B, L) bool or None; biases (B, H, L) or None; inv_freq (d/2,) or None (no RoPE; pairs interleaved);
+    labels as CSR rows (pos_offsets (B*H + 1,), pos_index (N,) flat spans i*L + j) or dense targets
+    (B, H, L, L). Differentiable in q, k and the biases."""
+    acc = state_dtype(q)
+    B, L, Hq, d = q.shape
+    qa, ka = q.to(acc), k.to(acc)
+    if inv_freq is not None:
+        ang = torch.arange(L, device=q.device, dtype=acc)[None, :, None] * inv_freq.to(acc)
+        qa = rope_rotate(qa, ang, d, interleaved=True)
+        ka = rope_rotate(ka, ang, d, interleaved=True)
+    s = torch.einsum("bmhd,bnhd->bhmn", qa, ka) * scale
+    if Hq != H:
+        s = s.expand(B, H, L, L)
+    if start_bias is not None:
+        s = s + start_bias.to(acc)[..., :, None]
+    if end_bias is not None:
+        s = s + end_bias.to(acc)[..., None, :]
+    s = s.masked_fill(~valid_spans(L, mask, tril, q.device), float("-inf")).reshape(B, H, L * L)
+    if targets is not None:
+        t = targets.to(acc).reshape(B, H, L * L)
+    else:
+        t = torch.zeros(B * H, L * L, dtype=acc, device=q.device)
+        rows = torch.repeat_interleave(torch.arange(B * H, device=q.device),
+                                       (pos_offsets[1:] - pos_offsets[:-1]).long())
+        t[rows, pos_index.long()] = 1.0
+        t = t.reshape(B, H, L * L)
+    finite = torch.isfinite(s)
+    ninf = torch.tensor(float("-inf"), dtype=acc, device=s.device)
+    zero = s.new_zeros(B, H, 1)
+    neg = torch.where(finite & (t < 1), s, ninf) + torch.log1p(-t.clamp(max=1))
+    pos = torch.where(finite & (t > 0), -s, ninf) + torch.log(t)
+    lse_neg = torch.logsumexp(torch.cat([neg, zero], -1), -1)
+    lse_pos = torch.logsumexp(torch.cat([pos, zero], -1), -1)
+    return lse_neg + lse_pos, lse_neg, lse_pos

@@ -1,0 +1,184 @@
+"""kxops.global_pointer_loss: every backend equals the float64 reference (pyext/reference/global_pointer.py),
+forward and backward, over sparse and dense labels, masks, tril, the Efficient form (shared q/k and
+biases), odd sizes and strided inputs; sparse and dense labels agree; bad input is a clear error."""
+import pytest
+import torch
+
+import kxops
+from kxops.reference import global_pointer as gp
+from testing import (BACKENDS, DTYPE_IDS, assert_close_to_ref, assert_raises_with, bad_input_params, compiled,
+                     opcheck)
+
+GPL = kxops.global_pointer_loss
+GP_BACKENDS = [(b, d) for b, d in BACKENDS if b != "triton" or kxops.global_pointer.TRITON_KERNELS]
+GP_IDS = [f"{b}-{d}" for b, d in GP_BACKENDS]
+
+
+def _spans(B, H, L, n, gen, tril=True):
+    b = torch.randint(0, B, (n,), generator=gen)
+    h = torch.randint(0, H, (n,), generator=gen)
+    i = torch.randint(0, L, (n,), generator=gen)
+    j = torch.randint(0, L, (n,), generator=gen)
+    if tril:
+        i, j = torch.minimum(i, j), torch.maximum(i, j)
+    return torch.stack((b, h, i, j), 1)
+
+
+# Each case: (q, k, labels, mask, kwargs). Small: the Triton interpreter runs ~1 ms per program.
+def _case(name, dtype, dev):
+    g = torch.Generator().manual_seed(7)
+
+    def r(*s):
+        return torch.randn(*s, generator=g).to(dtype).to(dev)
+    if name == "B2-L7-H3-d6-sparse":
+        return r(2, 7, 3, 6), r(2, 7, 3, 6), _spans(2, 3, 7, 6, g).to(dev), None, {}
+    if name == "L1":
+        return r(2, 1, 2, 4), r(2, 1, 2, 4), torch.tensor([[0, 1, 0, 0]], device=dev), None, {}
+    if name == "types1-mask-padding-row":
+        mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3, [0] * 9], device=dev)  # an all-padding row
+        return r(3, 9, 1, 8), r(3, 9, 1, 8), _spans(3, 1, 9, 5, g).to(dev), mask, {}
+    if name == "dense-soft-no-tril":
+        t = torch.rand(2, 2, 6, 6, generator=g)
+        t[t < 0.5] = 0.0
+        t[t > 0.9] = 1.0  # exact 0 and 1 among soft values
+        return r(2, 6, 2, 10), r(2, 6, 2, 10), t.to(dev), None, dict(tril=False)
+    if name == "efficient-biases":
+        mask = torch.ones(2, 11, dtype=torch.bool, device=dev)
+        mask[1, 8:] = False
+        sb, eb = (torch.randn(2, 3, 11, generator=g).to(dev) for _ in range(2))
+        return r(2, 11, 1, 8), r(2, 11, 1, 8), _spans(2, 3, 11, 7, g).to(dev), mask, dict(start_bias=sb, end_bias=eb)
+    if name == "no-rope-scale-L19":
+        return r(1, 19, 2, 4), r(1, 19, 2, 4), _spans(1, 2, 19, 9, g).to(dev), None, dict(rope=False, scale=0.7)
+    if name == "strided-qk-duplicates":  # q, k slices of one (B, L, H, 2d) projection; a span listed twice
+        x = r(2, 8, 2, 12)
+        sp = _spans(2, 2, 8, 5, g)
+        return x[..., :6], x[..., 6:], torch.cat((sp, sp[:2])).to(dev), None, {}
+    raise KeyError(name)
+
+
+CASES = ["B2-L7-H3-d6-sparse", "L1", "types1-mask-padding-row", "dense-soft-no-tril", "efficient-biases",
+         "no-rope-scale-L19", "strided-qk-duplicates"]
+
+
+def _loss_and_grads(q, k, labels, mask, kw, backend, gout, dtype=None):
+    """Per-row losses (B, H) and the gradients of q, k and the biases for the per-row weights gout."""
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype) if t.is_floating_point() else t)
+    leaves = [cast(q).detach().requires_grad_(), cast(k).detach().requires_grad_()]
+    kw = dict(kw)
+    for b in ("start_bias", "end_bias"):
+        if b in kw:
+            kw[b] = cast(kw[b]).detach().requires_grad_()
+            leaves.append(kw[b])
+    lab = cast(labels) if labels.is_floating_point() else labels
+    loss = GPL(*leaves[:2], lab, mask, reduction="none", backend=backend, **kw)
+    gs = torch.autograd.grad(loss, leaves, gout.to(loss.dtype))
+    return (loss, *gs)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+def test_loss_and_gradients_match_reference(backend, device, dtype, case):
+    q, k, labels, mask, kw = _case(case, dtype, device)
+    B, H = q.shape[0], kw["start_bias"].shape[1] if "start_bias" in kw else q.shape[2]
+    gout = torch.randn(B, H, generator=torch.Generator().manual_seed(1)).to(device)
+    got = _loss_and_grads(q, k, labels, mask, kw, backend, gout)
+    ref64 = _loss_and_grads(q, k, labels, mask, kw, "reference", gout, torch.float64)
+    reflp = _loss_and_grads(q, k, labels, mask, kw, "reference", gout)
+    names = ["loss", "dq", "dk", "dstart", "dend"]
+    for i, (o, r64, rlp) in enumerate(zip(got, ref64, reflp)):
+        assert_close_to_ref(o, r64, rlp, names[i])
+
+
+@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+def test_sparse_and_dense_labels_agree(backend, device):
+    q, k, spans, mask, kw = _case("efficient-biases", torch.float32, device)
+    B, H, L = q.shape[0], kw["start_bias"].shape[1], q.shape[1]
+    dense = gp.span_labels_to_dense(spans.cpu(), B, H, L, "cpu").to(device)
+    gout = torch.randn(B, H, generator=torch.Generator().manual_seed(2)).to(device)
+    a = _loss_and_grads(q, k, spans, mask, kw, backend, gout)
+    b = _loss_and_grads(q, k, dense, mask, kw, backend, gout)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+def test_reductions(backend, device):
+    q, k, spans, mask, kw = _case("B2-L7-H3-d6-sparse", torch.float32, device)
+    rows = GPL(q, k, spans, mask, reduction="none", backend=backend)
+    assert rows.shape == (2, 3) and rows.dtype == torch.float32
+    torch.testing.assert_close(GPL(q, k, spans, mask, backend=backend), rows.mean())
+    torch.testing.assert_close(GPL(q, k, spans, mask, reduction="sum", backend=backend), rows.sum())
+
+
+def test_gradcheck_cpu_float64():
+    q, k, spans, mask, kw = _case("efficient-biases", torch.float64, "cpu")
+    leaves = [t.detach().requires_grad_() for t in (q, k, kw["start_bias"].double(), kw["end_bias"].double())]
+
+    def f(q, k, sb, eb):
+        return GPL(q, k, spans, mask, start_bias=sb, end_bias=eb, reduction="none", backend="cpu")
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_opcheck_cpu_kernel():
+    q, k, spans, mask, kw = _case("efficient-biases", torch.float32, "cpu")
+    from kxops.reference.rope import rope_schedule
+    off = torch.tensor([0, 2, 3, 3, 5, 5, 6], dtype=torch.int32)
+    idx = torch.tensor([3, 40, 5, 0, 120, 7], dtype=torch.int32)
+    args = (q.requires_grad_(), k, mask, kw["start_bias"], kw["end_bias"], rope_schedule(8, dtype=torch.float32)[0],
+            3, 8 ** -0.5, True, off, idx, None)
+    opcheck(torch.ops.kxops.global_pointer_loss.default, args)
+
+
+def test_compile_fullgraph_cpu():
+    q, k, spans, mask, kw = _case("B2-L7-H3-d6-sparse", torch.float32, "cpu")
+    fn = compiled("global_pointer_loss", lambda q, k, s, m: GPL(q, k, s, m, backend="cpu"))
+    torch.testing.assert_close(fn(q, k, spans, mask), GPL(q, k, spans, mask, backend="cpu"))
+
+
+def _bad(name):
+    q, k = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)
+    ok = torch.tensor([[0, 1, 2, 3]])
+    calls = {
+        "label-batch-out-of-range": (lambda: GPL(q, k, torch.tensor([[2, 0, 0, 1]])), ValueError,
+                                     "labels[:, 0] (batch) must be in [0, 2)"),
+        "label-type-out-of-range": (lambda: GPL(q, k, torch.tensor([[0, 3, 0, 1]])), ValueError,
+                                    "labels[:, 1] (type) must be in [0, 3)"),
+        "label-end-out-of-range": (lambda: GPL(q, k, torch.tensor([[0, 0, 0, 5]])), ValueError,
+                                   "labels[:, 3] (end) must be in [0, 5)"),
+        "start-after-end-with-tril": (lambda: GPL(q, k, torch.tensor([[0, 0, 3, 1]])), ValueError,
+                                      "start > end"),
+        "labels-wrong-shape": (lambda: GPL(q, k, torch.tensor([[0, 0, 3]])), ValueError, "(N, 4) gold spans"),
+        "dense-labels-wrong-shape": (lambda: GPL(q, k, torch.zeros(2, 3, 5, 4)), ValueError, "dense labels must be"),
+        "dense-labels-above-1": (lambda: GPL(q, k, torch.full((2, 3, 5, 5), 2.0)), ValueError, "in [0, 1]"),
+        "labels-bool": (lambda: GPL(q, k, torch.zeros(2, 3, 5, 5, dtype=torch.bool)), TypeError,
+                        "labels must be int64 gold spans"),
+        "qk-shape-mismatch": (lambda: GPL(q, k[:, :4], ok), ValueError, "k must have q's shape"),
+        "qk-dtype-mismatch": (lambda: GPL(q, k.double(), ok), TypeError, "q and k must have one dtype"),
+        "q-not-4d": (lambda: GPL(q[0], k[0], ok), ValueError, "q must be (batch, L, types or 1, head_size)"),
+        "mask-wrong-shape": (lambda: GPL(q, k, ok, torch.ones(2, 4)), ValueError, "mask must be (batch=2, L=5)"),
+        "bias-wrong-shape": (lambda: GPL(q, k, ok, start_bias=torch.zeros(2, 2, 5)), ValueError,
+                             "start_bias must be (batch=2, types=3, L=5)"),
+        "odd-head-size-rope": (lambda: GPL(q[..., :3], k[..., :3], ok), ValueError, "even head_size"),
+        "integer-q": (lambda: GPL(q.int(), k.int(), ok), TypeError, "q must be a floating-point tensor"),
+        "bad-reduction": (lambda: GPL(q, k, ok, reduction="avg"), ValueError, "reduction must be one of"),
+        "bad-backend": (lambda: GPL(q, k, ok, backend="gpu"), ValueError, "backend must be one of"),
+    }
+    return calls[name]
+
+
+BAD = ["label-batch-out-of-range", "label-type-out-of-range", "label-end-out-of-range", "start-after-end-with-tril",
+       "labels-wrong-shape", "dense-labels-wrong-shape", "dense-labels-above-1", "labels-bool", "qk-shape-mismatch",
+       "qk-dtype-mismatch", "q-not-4d", "mask-wrong-shape", "bias-wrong-shape", "odd-head-size-rope", "integer-q",
+       "bad-reduction", "bad-backend"]
+
+
+@pytest.mark.parametrize(**bad_input_params([(n, *_bad(n)) for n in BAD]))
+def test_bad_input(call, exc, message):
+    assert_raises_with(call, exc, message)
+
+
+def test_labels_on_another_device_is_an_error():
+    q = torch.randn(1, 4, 1, 4, device="meta")
+    with pytest.raises(ValueError, match="labels must be on q's device"):
+        GPL(q, q, torch.tensor([[0, 0, 0, 1]]), backend="reference")
