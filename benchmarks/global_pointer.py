@@ -138,7 +138,7 @@ def _backend_available(backend: str):
             return "kxops has no global_pointer_loss yet"
         if backend not in k.backends():
             return f"backend {backend!r} not in kxops.backends()"
-        if backend == "triton" and not k.global_pointer.TRITON_KERNELS:
+        if backend == "triton" and not import_module("kxops.global_pointer").TRITON_KERNELS:
             return "no Triton kernels for global_pointer_loss yet"
         if backend in ("cpu", "cuda") and not torch._C._dispatch_has_kernel_for_dispatch_key(
                 "kxops::global_pointer_loss", backend.upper()):

@@ -71,6 +71,11 @@ PyObject* PyInit__C(void) {
 #define KX_GP_ARGS                                                                                    \
   "Tensor? mask, Tensor? start_bias, Tensor? end_bias, Tensor? inv_freq, int H, float scale, bool tril, " \
   "Tensor? pos_offsets, Tensor? pos_index, Tensor? targets"
+// the span scores' arguments (logits, decode)
+#define KX_GP_SCORE_ARGS \
+  "Tensor? mask, Tensor? start_bias, Tensor? end_bias, Tensor? inv_freq, int H, float scale, bool tril"
+// the row losses on materialised logits x (R, C): dense targets (R, C) or positive indices (R, P)
+#define KX_MLCE_ARGS "Tensor? targets, Tensor? positives, bool mask_zero"
 
 TORCH_LIBRARY(kxops, m) {
   m.def("rope(Tensor x, " KX_ROPE_ARGS ") -> Tensor");
@@ -104,6 +109,23 @@ TORCH_LIBRARY(kxops, m) {
   m.def("global_pointer_loss_backward(Tensor dloss, Tensor q, Tensor k, " KX_GP_ARGS
         ", Tensor lse_neg, Tensor lse_pos) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("global_pointer_loss_reference(Tensor q, Tensor k, " KX_GP_ARGS ") -> (Tensor, Tensor, Tensor)");
+  m.def("global_pointer(Tensor q, Tensor k, " KX_GP_SCORE_ARGS ") -> Tensor");
+  m.def("global_pointer_backward(Tensor dlogits, Tensor q, Tensor k, " KX_GP_SCORE_ARGS
+        ") -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("global_pointer_reference(Tensor q, Tensor k, " KX_GP_SCORE_ARGS ") -> Tensor");
+  m.def("global_pointer_decode(Tensor q, Tensor k, " KX_GP_SCORE_ARGS ", float threshold) -> (Tensor, Tensor)");
+  m.def("global_pointer_decode_reference(Tensor q, Tensor k, " KX_GP_SCORE_ARGS
+        ", float threshold) -> (Tensor, Tensor)");
+  m.def("multilabel_categorical_crossentropy(Tensor x, " KX_MLCE_ARGS ") -> (Tensor, Tensor, Tensor)");
+  m.def("multilabel_categorical_crossentropy_backward(Tensor dloss, Tensor x, " KX_MLCE_ARGS
+        ", Tensor lse_neg, Tensor lse_pos) -> Tensor");
+  m.def("multilabel_categorical_crossentropy_reference(Tensor x, " KX_MLCE_ARGS ") -> (Tensor, Tensor, Tensor)");
+  m.def("global_pointer_front(Tensor q, Tensor k, Tensor? mask, bool rope, float base, bool tril, float? scale, "
+        "Tensor? start_bias, Tensor? end_bias, str backend) -> Tensor");
+  m.def("global_pointer_decode_front(Tensor q, Tensor k, Tensor? mask, float threshold, bool rope, float base, "
+        "bool tril, float? scale, Tensor? start_bias, Tensor? end_bias, str backend) -> (Tensor, Tensor)");
+  m.def("multilabel_categorical_crossentropy_front(Tensor x, Tensor? targets, Tensor? positives, bool mask_zero, "
+        "str reduction, str backend) -> Tensor");
   m.def("global_pointer_loss_front(Tensor q, Tensor k, Tensor labels, Tensor? mask, bool rope, float base, "
         "bool tril, float? scale, Tensor? start_bias, Tensor? end_bias, str reduction, str backend) -> Tensor");
 }

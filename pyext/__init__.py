@@ -2,12 +2,15 @@
 import torch  # noqa: F401  (the extension has no rpath to libtorch: torch must load first)
 
 from . import _C  # noqa: F401  (registers the kxops:: ops; a missing build is an ImportError, never a fallback)
-from . import distributed, reference
+from . import distributed, nn, reference
 from ._dispatch import backends
-from .global_pointer import global_pointer_loss
+from .global_pointer import (global_pointer, global_pointer_decode, global_pointer_loss,
+                             multilabel_categorical_crossentropy, sparse_multilabel_categorical_crossentropy)
 from .linear_attention import causal_dot_product, linear_attention, linear_attention_step
 from .rope import grid_positions, rope, rope_qk, text_image_positions
 
 __version__ = "0.1.0"
 __all__ = ["backends", "distributed", "reference", "rope", "rope_qk", "grid_positions", "text_image_positions",
-           "linear_attention", "causal_dot_product", "linear_attention_step", "global_pointer_loss"]
+           "linear_attention", "causal_dot_product", "linear_attention_step", "global_pointer", "global_pointer_loss",
+           "global_pointer_decode", "multilabel_categorical_crossentropy", "sparse_multilabel_categorical_crossentropy",
+           "nn"]

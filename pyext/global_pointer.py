@@ -19,7 +19,8 @@ from torch import Tensor
 from . import _dispatch
 from .reference import global_pointer as _ref
 
-__all__ = ["global_pointer_loss"]
+__all__ = ["global_pointer", "global_pointer_loss", "global_pointer_decode", "multilabel_categorical_crossentropy",
+           "sparse_multilabel_categorical_crossentropy"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,9 +45,35 @@ def _fake_loss_backward(dloss, q, k, mask, start_bias, end_bias, inv_freq, H, *a
             q.new_empty(_bias_grad_shape(q, H, end_bias), dtype=_state(q)))
 
 
+def _fake_logits(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril):
+    return q.new_empty((q.shape[0], H, q.shape[1], q.shape[1]), dtype=_state(q))
+
+
+def _fake_decode(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril, threshold):
+    n = torch.library.get_ctx().new_dynamic_size()  # as many spans as score above the threshold
+    return q.new_empty((n, 4), dtype=torch.long), q.new_empty((n,), dtype=_state(q))
+
+
+def _fake_mlce(x, targets, positives, mask_zero):
+    out = x.new_empty((x.shape[0],), dtype=_state(x))
+    return out, out.new_empty(out.shape), out.new_empty(out.shape)
+
+
+def _fake_mlce_backward(dloss, x, *args):
+    return x.new_empty(x.shape)
+
+
 _dispatch.register_fakes({"kxops::global_pointer_loss": _fake_loss,
-                          "kxops::global_pointer_loss_backward": _fake_loss_backward})
+                          "kxops::global_pointer_loss_backward": _fake_loss_backward,
+                          "kxops::global_pointer": _fake_logits,
+                          "kxops::global_pointer_backward": lambda dlogits, *a: _fake_loss_backward(None, *a),
+                          "kxops::global_pointer_decode": _fake_decode,
+                          "kxops::multilabel_categorical_crossentropy": _fake_mlce,
+                          "kxops::multilabel_categorical_crossentropy_backward": _fake_mlce_backward})
 _dispatch.implement_reference("kxops::global_pointer_loss_reference", _ref.loss_ref)
+_dispatch.implement_reference("kxops::global_pointer_reference", _ref.logits_ref)
+_dispatch.implement_reference("kxops::global_pointer_decode_reference", _ref.decode_ref)
+_dispatch.implement_reference("kxops::multilabel_categorical_crossentropy_reference", _ref.mlce_ref)
 
 TRITON_KERNELS = _dispatch.TRITON_IMPORTABLE and importlib.util.find_spec(
     "kxops.triton_kernels.global_pointer") is not None
@@ -90,6 +117,51 @@ if TRITON_KERNELS:
 
 # ----------------------------------------------------------------------------------------------
 # The public functions.
+
+def global_pointer(q: Tensor, k: Tensor, mask: Optional[Tensor] = None, *, rope: bool = True, base: float = 10000.0,
+                   tril: bool = True, scale: Optional[float] = None, start_bias: Optional[Tensor] = None,
+                   end_bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """GlobalPointer's span logits (Su, kexue.fm 8373, 8877), fused: (batch, types, L, L) float32 (float64 for
+    float64 inputs), s[b, h, i, j] = scale * (R_i q[b, i, h]) . (R_j k[b, j, h]) + start_bias[b, h, i] +
+    end_bias[b, h, j], -inf where the span is invalid (a padding start or end, or j < i when tril). Arguments
+    as global_pointer_loss. Gradients for q, k and the biases."""
+    return torch.ops.kxops.global_pointer_front(q, k, mask, bool(rope), float(base), bool(tril),
+                                                None if scale is None else float(scale), start_bias, end_bias,
+                                                backend)
+
+
+def global_pointer_decode(q: Tensor, k: Tensor, mask: Optional[Tensor] = None, *, threshold: float = 0.0,
+                          rope: bool = True, base: float = 10000.0, tril: bool = True, scale: Optional[float] = None,
+                          start_bias: Optional[Tensor] = None, end_bias: Optional[Tensor] = None,
+                          backend: str = "auto"):
+    """Every valid span whose logit exceeds `threshold` (0: the threshold class of the loss), without the
+    logits tensor: (spans (N, 4) int64 [batch, type, start, end] in row-major order, scores (N,) float32).
+    Arguments as global_pointer_loss. The number of spans depends on the data: under torch.compile the call
+    needs torch._dynamo.config.capture_dynamic_output_shape_ops (or breaks the graph)."""
+    return torch.ops.kxops.global_pointer_decode_front(q, k, mask, float(threshold), bool(rope), float(base),
+                                                       bool(tril), None if scale is None else float(scale),
+                                                       start_bias, end_bias, backend)
+
+
+def multilabel_categorical_crossentropy(logits: Tensor, targets: Tensor, reduction: str = "mean",
+                                        backend: str = "auto") -> Tensor:
+    """Su's multi-label categorical cross-entropy (kexue.fm 7359, soft labels 9064) over the last dim:
+    log(1 + sum_n (1 - t_n) e^(s_n)) + log(1 + sum_p t_p e^(-s_p)); masked logits (-inf) are neither
+    positives nor negatives (no NaN for rows without positives, with only positives, or with a positive at
+    -inf). targets: logits' shape, 0/1 or soft in [0, 1]. reduction "mean" / "sum" over the rows, or "none"
+    (the leading dims). float32 (float64 for float64 logits). Gradient for the logits."""
+    return torch.ops.kxops.multilabel_categorical_crossentropy_front(logits, targets, None, False, reduction, backend)
+
+
+def sparse_multilabel_categorical_crossentropy(logits: Tensor, positive_indices: Tensor, mask_zero: bool = False,
+                                               reduction: str = "mean", backend: str = "auto") -> Tensor:
+    """The loss above with the positives as indices (..., P) into the last dim of logits (..., C) (bert4keras'
+    sparse version, computed exactly: the negatives' sum is never formed as a difference, so no NaN where
+    the positives carry the row). An index given twice counts once. mask_zero: index 0 is padding and class
+    0 is no class (bert4keras' mask_zero)."""
+    return torch.ops.kxops.multilabel_categorical_crossentropy_front(logits, None, positive_indices, bool(mask_zero),
+                                                                     reduction, backend)
+
 
 def global_pointer_loss(q: Tensor, k: Tensor, labels: Tensor, mask: Optional[Tensor] = None, *, rope: bool = True,
                         base: float = 10000.0, tril: bool = True, scale: Optional[float] = None,

@@ -1,5 +1,7 @@
-// GlobalPointer span loss on CPU: kxops::global_pointer_loss and global_pointer_loss_backward
-// (semantics and backward formulas: docs/global_pointer_kernel_contract.md).
+// GlobalPointer on CPU: the span loss (kxops::global_pointer_loss, _backward), the span logits
+// (kxops::global_pointer, _backward), decoding (kxops::global_pointer_decode) and the row losses on
+// materialised logits (kxops::multilabel_categorical_crossentropy, _backward); semantics and backward
+// formulas: docs/global_pointer_kernel_contract.md.
 //
 // Work items are the (batch, type) rows (or, when q and k are shared by every type, the batch rows, so
 // that one item owns its dq and dk). q and k are first rotated (RoPE) and q scaled, into double buffers
@@ -114,7 +116,8 @@ struct Problem {
   bool tril = true;
 
   // The scores of starts [i0, i0 + m) x ends [j0, L) of row (b, h) into tile (m, L - j0), then masks,
-  // biases and labels: invalid spans -inf in `s`; the label of each span in `t` (0/1 or soft).
+  // biases and labels: invalid spans -inf in `s`; the label of each span in `t` (0/1 or soft; t null:
+  // scores only).
   void tile(int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, double* s, double* t, int64_t& ptr) const {
     const int64_t n = L - j0, hq = Hq == 1 ? 0 : h, r = b * H + h;
     const double* Qr = Q + ((b * Hq + hq) * L + i0) * d;
@@ -128,7 +131,7 @@ struct Problem {
     for (int64_t a = 0; a < m; ++a) {
       const int64_t i = i0 + a;
       double* srow = s + a * n;
-      double* trow = t + a * n;
+      double* trow = t ? t + a * n : nullptr;
       const bool row_ok = !mk || mk[i];
       const double si = sb ? static_cast<double>(sb[i]) : 0.0;
       for (int64_t c = 0; c < n; ++c) {
@@ -136,6 +139,7 @@ struct Problem {
         const bool ok = row_ok && (!tril || j >= i) && (!mk || mk[j]);
         srow[c] = ok ? srow[c] + si + (eb ? static_cast<double>(eb[j]) : 0.0) : kNegInf;
       }
+      if (!trow) continue;  // scores only (logits, decode)
       if (targets) {
         const acc_t* tr = targets + (r * L + i) * L + j0;
         for (int64_t c = 0; c < n; ++c) trow[c] = static_cast<double>(tr[c]);
@@ -271,12 +275,17 @@ Tensor unrotated(const Tensor& dX, const std::vector<double>& c, const std::vect
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> global_pointer_loss_backward(
-    const Tensor& dloss, const Tensor& q, const Tensor& k, const optional<Tensor>& mask,
-    const optional<Tensor>& start_bias, const optional<Tensor>& end_bias, const optional<Tensor>& inv_freq, int64_t H,
-    double scale, bool tril, const optional<Tensor>& pos_offsets, const optional<Tensor>& pos_index,
-    const optional<Tensor>& targets, const Tensor& lse_neg, const Tensor& lse_pos) {
-  check_args(q, k, pos_offsets, pos_index, targets);
+// The backward shared by the loss and the logits: each tile of scores is recomputed, turned into ds in
+// place by ds_of(r, i0, m, j0, n, S, T) (T: the labels when `labels`), and accumulated into dq, dk and the
+// bias gradients. Returns (dq, dk, dstart_bias, dend_bias).
+template <typename DsOf>
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward_core(const Tensor& q, const Tensor& k, const optional<Tensor>& mask,
+                                                         const optional<Tensor>& start_bias,
+                                                         const optional<Tensor>& end_bias,
+                                                         const optional<Tensor>& inv_freq, int64_t H, double scale,
+                                                         bool tril, const optional<Tensor>& pos_offsets,
+                                                         const optional<Tensor>& pos_index,
+                                                         const optional<Tensor>& targets, bool labels, DsOf ds_of) {
   const int64_t B = q.size(0), L = q.size(1), Hq = q.size(2), d = q.size(3);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   std::vector<double> c, s;
@@ -290,14 +299,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> global_pointer_loss_backward(
   const bool bias = start_bias.has_value() || end_bias.has_value();
   Tensor dstart = start_bias ? at::zeros({B, H, L}, q.options().dtype(at::kDouble)) : Tensor();
   Tensor dend = end_bias ? at::zeros({B, H, L}, q.options().dtype(at::kDouble)) : Tensor();
-  const Tensor g = dloss.to(at::kDouble).contiguous(), an = lse_neg.to(at::kDouble).contiguous(),
-               ap = lse_pos.to(at::kDouble).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(acc, "kxops_global_pointer_loss_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(acc, "kxops_global_pointer_backward_cpu", [&] {
     auto p = problem<scalar_t>(q, mask, start_bias, end_bias, H, tril, pos_offsets, pos_index, targets);
     p.Q = Q.const_data_ptr<double>(), p.K = K.const_data_ptr<double>();
-    const double* gp = g.const_data_ptr<double>();
-    const double* anp = an.const_data_ptr<double>();
-    const double* app = ap.const_data_ptr<double>();
     double* dQp = dQ.data_ptr<double>();
     double* dKp = dK.data_ptr<double>();
     double* dsp = dstart.defined() ? dstart.data_ptr<double>() : nullptr;
@@ -306,28 +310,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> global_pointer_loss_backward(
     const int64_t items = Hq == 1 ? B : B * H, types = Hq == 1 ? H : 1;
     at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
       at::AutoDispatchBelowADInplaceOrView below;
-      std::vector<double> sbuf(kTile * std::max<int64_t>(L, 1)), tbuf(sbuf.size());
+      std::vector<double> sbuf(kTile * std::max<int64_t>(L, 1)), tbuf(labels ? sbuf.size() : 0);
       for (int64_t it = begin; it < end; ++it) {
         for (int64_t hh = 0; hh < types; ++hh) {
           const int64_t b = Hq == 1 ? it : it / H, h = Hq == 1 ? hh : it % H, r = b * H + h, hq = Hq == 1 ? 0 : h;
-          const double gr = gp[r], a = anp[r], z = app[r];
           const double* Qr = p.Q + (b * Hq + hq) * L * d;
           const double* Kr = p.K + (b * Hq + hq) * L * d;
           double* dQr = dQp + (b * Hq + hq) * L * d;
           double* dKr = dKp + (b * Hq + hq) * L * d;
           int64_t ptr = p.offsets ? p.offsets[r] : 0;
-          if (gr == 0.0) continue;
           for (int64_t i0 = 0; i0 < L; i0 += kTile) {
             const int64_t m = std::min(kTile, L - i0), j0 = tril ? i0 : 0, n = L - j0;
             double* S = sbuf.data();
-            const double* T = tbuf.data();
-            p.tile(b, h, i0, m, j0, S, tbuf.data(), ptr);
-            for (int64_t x = 0; x < m * n; ++x) {  // ds, in place
-              const double sv = S[x], t = T[x];
-              S[x] = sv == kNegInf ? 0.0
-                                   : gr * ((t < 1 ? (1.0 - t) * std::exp(sv - a) : 0.0) -
-                                           (t > 0 ? t * std::exp(-sv - z) : 0.0));
-            }
+            double* T = labels ? tbuf.data() : nullptr;
+            p.tile(b, h, i0, m, j0, S, T, ptr);
+            if (!ds_of(r, i0, m, j0, n, S, T)) continue;  // an all-zero tile
             if (bias) {
               for (int64_t aa = 0; aa < m; ++aa) {
                 double rs = 0.0;
@@ -357,11 +354,250 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> global_pointer_loss_backward(
   return {dq, dk, grad_or_empty(dstart), grad_or_empty(dend)};  // (two distinct empties: outputs never alias)
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor> global_pointer_loss_backward(
+    const Tensor& dloss, const Tensor& q, const Tensor& k, const optional<Tensor>& mask,
+    const optional<Tensor>& start_bias, const optional<Tensor>& end_bias, const optional<Tensor>& inv_freq, int64_t H,
+    double scale, bool tril, const optional<Tensor>& pos_offsets, const optional<Tensor>& pos_index,
+    const optional<Tensor>& targets, const Tensor& lse_neg, const Tensor& lse_pos) {
+  check_args(q, k, pos_offsets, pos_index, targets);
+  const Tensor g = dloss.to(at::kDouble).contiguous(), an = lse_neg.to(at::kDouble).contiguous(),
+               ap = lse_pos.to(at::kDouble).contiguous();
+  const double* gp = g.const_data_ptr<double>();
+  const double* anp = an.const_data_ptr<double>();
+  const double* app = ap.const_data_ptr<double>();
+  return backward_core(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril, pos_offsets, pos_index, targets,
+                       true, [&](int64_t r, int64_t, int64_t m, int64_t, int64_t n, double* S, const double* T) {
+                         const double gr = gp[r], a = anp[r], z = app[r];
+                         if (gr == 0.0) return false;
+                         for (int64_t x = 0; x < m * n; ++x) {  // ds, in place
+                           const double sv = S[x], t = T[x];
+                           S[x] = sv == kNegInf ? 0.0
+                                                : gr * ((t < 1 ? (1.0 - t) * std::exp(sv - a) : 0.0) -
+                                                        (t > 0 ? t * std::exp(-sv - z) : 0.0));
+                         }
+                         return true;
+                       });
+}
+
+// ---- the logits and their backward ------------------------------------------------------------------
+
+void check_scores(const Tensor& q, const Tensor& k) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && q.stride(3) == 1 && k.stride(3) == 1,
+              "kxops::global_pointer (cpu): q, k must be (B, L, Hq, d) with unit last stride");
+}
+
+// Calls fn(r, i0, m, j0, n, S) for every tile of scores of row r = b * H + h (S: m x n, -inf where invalid),
+// rows in parallel.
+template <typename Fn>
+void for_each_tile(const Tensor& q, const Tensor& k, const optional<Tensor>& mask, const optional<Tensor>& start_bias,
+                   const optional<Tensor>& end_bias, const optional<Tensor>& inv_freq, int64_t H, double scale,
+                   bool tril, Fn fn) {
+  const int64_t B = q.size(0), L = q.size(1);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  std::vector<double> c, s;
+  if (inv_freq) angle_tables(*inv_freq, L, c, s);
+  Tensor Q, K;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kxops_global_pointer_rotate", [&] {
+    Q = rotated<scalar_t>(q, c, s, scale);
+    K = rotated<scalar_t>(k, c, s, 1.0);
+  });
+  AT_DISPATCH_FLOATING_TYPES(acc, "kxops_global_pointer_scores_cpu", [&] {
+    auto p = problem<scalar_t>(q, mask, start_bias, end_bias, H, tril, std::nullopt, std::nullopt, std::nullopt);
+    p.Q = Q.const_data_ptr<double>(), p.K = K.const_data_ptr<double>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      at::AutoDispatchBelowADInplaceOrView below;
+      std::vector<double> sbuf(kTile * std::max<int64_t>(L, 1));
+      for (int64_t r = begin; r < end; ++r) {
+        int64_t ptr = 0;
+        for (int64_t i0 = 0; i0 < L; i0 += kTile) {
+          const int64_t m = std::min(kTile, L - i0), j0 = tril ? i0 : 0, n = L - j0;
+          p.tile(r / H, r % H, i0, m, j0, sbuf.data(), nullptr, ptr);
+          fn(r, i0, m, j0, n, sbuf.data());
+        }
+      }
+    });
+  });
+}
+
+Tensor global_pointer(const Tensor& q, const Tensor& k, const optional<Tensor>& mask, const optional<Tensor>& start_bias,
+                      const optional<Tensor>& end_bias, const optional<Tensor>& inv_freq, int64_t H, double scale,
+                      bool tril) {
+  check_scores(q, k);
+  const int64_t B = q.size(0), L = q.size(1);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor out = at::empty({B, H, L, L}, q.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES(acc, "kxops_global_pointer_cpu", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const scalar_t ninf = -std::numeric_limits<scalar_t>::infinity();
+    for_each_tile(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril,
+                  [&](int64_t r, int64_t i0, int64_t m, int64_t j0, int64_t n, const double* S) {
+                    for (int64_t a = 0; a < m; ++a) {
+                      scalar_t* row = o + (r * L + i0 + a) * L;
+                      for (int64_t j = 0; j < j0; ++j) row[j] = ninf;
+                      for (int64_t cc = 0; cc < n; ++cc) row[j0 + cc] = static_cast<scalar_t>(S[a * n + cc]);
+                    }
+                  });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> global_pointer_backward(
+    const Tensor& dlogits, const Tensor& q, const Tensor& k, const optional<Tensor>& mask,
+    const optional<Tensor>& start_bias, const optional<Tensor>& end_bias, const optional<Tensor>& inv_freq, int64_t H,
+    double scale, bool tril) {
+  check_scores(q, k);
+  const int64_t L = q.size(1);
+  const Tensor g = dlogits.to(at::kDouble).contiguous();
+  const double* gp = g.const_data_ptr<double>();
+  return backward_core(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril, std::nullopt, std::nullopt,
+                       std::nullopt, false,
+                       [&](int64_t r, int64_t i0, int64_t m, int64_t j0, int64_t n, double* S, const double*) {
+                         for (int64_t a = 0; a < m; ++a) {
+                           const double* grow = gp + (r * L + i0 + a) * L + j0;
+                           for (int64_t cc = 0; cc < n; ++cc)
+                             S[a * n + cc] = S[a * n + cc] == kNegInf ? 0.0 : grow[cc];
+                         }
+                         return true;
+                       });
+}
+
+// ---- decoding -------------------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> global_pointer_decode(const Tensor& q, const Tensor& k, const optional<Tensor>& mask,
+                                                 const optional<Tensor>& start_bias, const optional<Tensor>& end_bias,
+                                                 const optional<Tensor>& inv_freq, int64_t H, double scale, bool tril,
+                                                 double threshold) {
+  check_scores(q, k);
+  const int64_t B = q.size(0), L = q.size(1);
+  const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // every row's hits, (i, j, score), in row-major order; rows concatenated in order afterwards
+  std::vector<std::vector<std::tuple<int64_t, int64_t, double>>> hits(B * H);
+  AT_DISPATCH_FLOATING_TYPES(acc, "kxops_global_pointer_decode_cpu", [&] {
+    for_each_tile(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril,
+                  [&](int64_t r, int64_t i0, int64_t m, int64_t j0, int64_t n, const double* S) {
+                    for (int64_t a = 0; a < m; ++a)
+                      for (int64_t cc = 0; cc < n; ++cc) {
+                        // the comparison in the state dtype, as the reference's on its logits
+                        const scalar_t v = static_cast<scalar_t>(S[a * n + cc]);
+                        if (v > static_cast<scalar_t>(threshold)) hits[r].emplace_back(i0 + a, j0 + cc, S[a * n + cc]);
+                      }
+                  });
+  });
+  int64_t N = 0;
+  for (const auto& h : hits) N += static_cast<int64_t>(h.size());
+  Tensor spans = at::empty({N, 4}, q.options().dtype(at::kLong));
+  Tensor scores = at::empty({N}, q.options().dtype(acc));
+  int64_t* sp = spans.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(acc, "kxops_global_pointer_decode_write", [&] {
+    scalar_t* sc = scores.data_ptr<scalar_t>();
+    int64_t n = 0;
+    for (int64_t r = 0; r < B * H; ++r)
+      for (const auto& [i, j, v] : hits[r]) {
+        sp[4 * n] = r / H, sp[4 * n + 1] = r % H, sp[4 * n + 2] = i, sp[4 * n + 3] = j;
+        sc[n++] = static_cast<scalar_t>(v);
+      }
+  });
+  return {spans, scores};
+}
+
+// ---- the row losses on materialised logits -----------------------------------------------------------
+
+// Fills t (C) with the row's labels: dense targets, or 1 at the positives (mask_zero: never class 0).
+template <typename acc_t>
+void row_labels(int64_t r, int64_t C, const acc_t* targets, const int64_t* pos, int64_t P, bool mask_zero, double* t) {
+  if (targets) {
+    for (int64_t c = 0; c < C; ++c) t[c] = static_cast<double>(targets[r * C + c]);
+    return;
+  }
+  std::fill(t, t + C, 0.0);
+  for (int64_t p = 0; p < P; ++p) t[pos[r * P + p]] = 1.0;
+  if (mask_zero && C > 0) t[0] = 0.0;
+}
+
+template <typename scalar_t>
+void row_scores(int64_t r, int64_t C, const scalar_t* x, bool mask_zero, double* s) {
+  for (int64_t c = 0; c < C; ++c) s[c] = static_cast<double>(x[r * C + c]);
+  if (mask_zero && C > 0) s[0] = kNegInf;
+}
+
+std::tuple<Tensor, Tensor, Tensor> multilabel_categorical_crossentropy(const Tensor& x, const optional<Tensor>& targets,
+                                                                       const optional<Tensor>& positives,
+                                                                       bool mask_zero) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "kxops::multilabel_categorical_crossentropy (cpu): x must be (R, C)");
+  const int64_t R = x.size(0), C = x.size(1), P = positives ? positives->size(1) : 0;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor loss = at::empty({R}, x.options().dtype(acc)), ln = at::empty_like(loss), lp = at::empty_like(loss);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kxops_mlce_cpu", [&] {
+    using x_t = scalar_t;
+    const x_t* xp = x.const_data_ptr<x_t>();
+    const int64_t* pp = positives ? positives->const_data_ptr<int64_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES(acc, "kxops_mlce_cpu_acc", [&] {
+      const scalar_t* tp = targets ? targets->const_data_ptr<scalar_t>() : nullptr;
+      scalar_t *lo = loss.data_ptr<scalar_t>(), *lnp = ln.data_ptr<scalar_t>(), *lpp = lp.data_ptr<scalar_t>();
+      at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+        std::vector<double> s(C), t(C);
+        for (int64_t r = begin; r < end; ++r) {
+          row_scores(r, C, xp, mask_zero && pp, s.data());
+          row_labels(r, C, tp, pp, P, mask_zero, t.data());
+          Lse neg, pos;
+          neg.add(s.data(), t.data(), C, false);
+          pos.add(s.data(), t.data(), C, true);
+          const double a = neg.value(), z = pos.value();
+          lnp[r] = static_cast<scalar_t>(a), lpp[r] = static_cast<scalar_t>(z), lo[r] = static_cast<scalar_t>(a + z);
+        }
+      });
+    });
+  });
+  return {loss, ln, lp};
+}
+
+Tensor multilabel_categorical_crossentropy_backward(const Tensor& dloss, const Tensor& x,
+                                                    const optional<Tensor>& targets,
+                                                    const optional<Tensor>& positives, bool mask_zero,
+                                                    const Tensor& lse_neg, const Tensor& lse_pos) {
+  const int64_t R = x.size(0), C = x.size(1), P = positives ? positives->size(1) : 0;
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor dx = at::empty_like(x);
+  const Tensor g = dloss.to(at::kDouble).contiguous(), an = lse_neg.to(at::kDouble).contiguous(),
+               ap = lse_pos.to(at::kDouble).contiguous();
+  const double *gp = g.const_data_ptr<double>(), *anp = an.const_data_ptr<double>(), *app = ap.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kxops_mlce_backward_cpu", [&] {
+    using x_t = scalar_t;
+    const x_t* xp = x.const_data_ptr<x_t>();
+    x_t* dxp = dx.data_ptr<x_t>();
+    const int64_t* pp = positives ? positives->const_data_ptr<int64_t>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES(acc, "kxops_mlce_backward_cpu_acc", [&] {
+      const scalar_t* tp = targets ? targets->const_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+        std::vector<double> s(C), t(C);
+        for (int64_t r = begin; r < end; ++r) {
+          row_scores(r, C, xp, mask_zero && pp, s.data());
+          row_labels(r, C, tp, pp, P, mask_zero, t.data());
+          const double gr = gp[r], a = anp[r], z = app[r];
+          for (int64_t c = 0; c < C; ++c) {
+            const double sv = s[c], tv = t[c];
+            const double v = sv == kNegInf ? 0.0
+                                           : gr * ((tv < 1 ? (1.0 - tv) * std::exp(sv - a) : 0.0) -
+                                                   (tv > 0 ? tv * std::exp(-sv - z) : 0.0));
+            dxp[r * C + c] = static_cast<x_t>(v);
+          }
+        }
+      });
+    });
+  });
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(kxops, CPU, m) {
   m.impl("global_pointer_loss", &global_pointer_loss);
   m.impl("global_pointer_loss_backward", &global_pointer_loss_backward);
+  m.impl("global_pointer", &global_pointer);
+  m.impl("global_pointer_backward", &global_pointer_backward);
+  m.impl("global_pointer_decode", &global_pointer_decode);
+  m.impl("multilabel_categorical_crossentropy", &multilabel_categorical_crossentropy);
+  m.impl("multilabel_categorical_crossentropy_backward", &multilabel_categorical_crossentropy_backward);
 }
 
 }  // namespace kxops

@@ -156,12 +156,10 @@ def global_pointer(q, k, mask=None, *, rope=True, base=10000.0, tril=True, scale
 # ----------------------------------------------------------------------------------------------
 # The loss on the kernel contract's normalised arguments (docs/global_pointer_kernel_contract.md).
 
-def loss_ref(q, k, mask, start_bias, end_bias, inv_freq, H: int, scale: float, tril: bool, pos_offsets, pos_index,
-             targets):
-    """(loss, lse_neg, lse_pos), each (B, H) in the state dtype: q, k (B, L, Hq, d) with Hq = H or 1; mask
-    (B, L) bool or None; biases (B, H, L) or None; inv_freq (d/2,) or None (no RoPE; pairs interleaved);
-    labels as CSR rows (pos_offsets (B*H + 1,), pos_index (N,) flat spans i*L + j) or dense targets
-    (B, H, L, L). Differentiable in q, k and the biases."""
+def logits_ref(q, k, mask, start_bias, end_bias, inv_freq, H: int, scale: float, tril: bool):
+    """The span logits (B, H, L, L) in the state dtype on the normalised arguments: q, k (B, L, Hq, d) with
+    Hq = H or 1; mask (B, L) bool or None; biases (B, H, L) or None; inv_freq (d/2,) or None (no RoPE;
+    pairs interleaved at positions 0..L-1); invalid spans -inf. Differentiable in q, k and the biases."""
     acc = state_dtype(q)
     B, L, Hq, d = q.shape
     qa, ka = q.to(acc), k.to(acc)
@@ -176,7 +174,52 @@ def loss_ref(q, k, mask, start_bias, end_bias, inv_freq, H: int, scale: float, t
         s = s + start_bias.to(acc)[..., :, None]
     if end_bias is not None:
         s = s + end_bias.to(acc)[..., None, :]
-    s = s.masked_fill(~valid_spans(L, mask, tril, q.device), float("-inf")).reshape(B, H, L * L)
+    return s.masked_fill(~valid_spans(L, mask, tril, q.device), float("-inf"))
+
+
+def decode_ref(q, k, mask, start_bias, end_bias, inv_freq, H: int, scale: float, tril: bool, threshold: float):
+    """(spans (N, 4) int64 [batch, type, start, end] in row-major order, scores (N,) in the state dtype):
+    every valid span whose logit exceeds threshold."""
+    s = logits_ref(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril)
+    hit = s > threshold
+    return hit.nonzero(), s[hit]
+
+
+def mlce_ref(x, targets, positives, mask_zero: bool):
+    """The row losses on materialised logits x (R, C) (-inf: masked), labels dense targets (R, C) in [0, 1] or
+    positive indices (R, P) (a set; mask_zero: index 0 is padding and class 0 no class): (loss, lse_neg,
+    lse_pos), each (R,) in the state dtype. Differentiable in x."""
+    acc = state_dtype(x)
+    s = x.to(acc)
+    if positives is not None:
+        if mask_zero:
+            s = torch.cat([torch.full_like(s[..., :1], float("-inf")), s[..., 1:]], -1)
+        t = positives_to_dense(positives, s.shape[-1], mask_zero).to(acc)
+    else:
+        t = targets.to(acc)
+    return _lse_pair(s, t)
+
+
+def _lse_pair(s, t):
+    """(lse_neg + lse_pos, lse_neg, lse_pos) over the last dim of s (-inf: excluded) with labels t."""
+    finite = torch.isfinite(s)
+    ninf = torch.tensor(float("-inf"), dtype=s.dtype, device=s.device)
+    zero = s.new_zeros(s.shape[:-1] + (1,))
+    neg = torch.where(finite & (t < 1), s, ninf) + torch.log1p(-t.clamp(max=1))
+    pos = torch.where(finite & (t > 0), -s, ninf) + torch.log(t)
+    lse_neg = torch.logsumexp(torch.cat([neg, zero], -1), -1)
+    lse_pos = torch.logsumexp(torch.cat([pos, zero], -1), -1)
+    return lse_neg + lse_pos, lse_neg, lse_pos
+
+
+def loss_ref(q, k, mask, start_bias, end_bias, inv_freq, H: int, scale: float, tril: bool, pos_offsets, pos_index,
+             targets):
+    """(loss, lse_neg, lse_pos), each (B, H) in the state dtype, on the normalised arguments of logits_ref and
+    labels as CSR rows (pos_offsets (B*H + 1,), pos_index (N,) flat spans i*L + j) or dense targets
+    (B, H, L, L). Differentiable in q, k and the biases."""
+    acc = state_dtype(q)
+    B, L = q.shape[0], q.shape[1]
+    s = logits_ref(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril).reshape(B, H, L * L)
     if targets is not None:
         t = targets.to(acc).reshape(B, H, L * L)
     else:
@@ -185,11 +228,4 @@ def loss_ref(q, k, mask, start_bias, end_bias, inv_freq, H: int, scale: float, t
                                        (pos_offsets[1:] - pos_offsets[:-1]).long())
         t[rows, pos_index.long()] = 1.0
         t = t.reshape(B, H, L * L)
-    finite = torch.isfinite(s)
-    ninf = torch.tensor(float("-inf"), dtype=acc, device=s.device)
-    zero = s.new_zeros(B, H, 1)
-    neg = torch.where(finite & (t < 1), s, ninf) + torch.log1p(-t.clamp(max=1))
-    pos = torch.where(finite & (t > 0), -s, ninf) + torch.log(t)
-    lse_neg = torch.logsumexp(torch.cat([neg, zero], -1), -1)
-    lse_pos = torch.logsumexp(torch.cat([pos, zero], -1), -1)
-    return lse_neg + lse_pos, lse_neg, lse_pos
+    return _lse_pair(s, t)
