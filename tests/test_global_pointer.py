@@ -184,3 +184,224 @@ def test_labels_on_another_device_is_an_error():
     q = torch.randn(1, 4, 1, 4, device="meta")
     with pytest.raises(ValueError, match="labels must be on q's device"):
         GPL(q, q, torch.tensor([[0, 0, 0, 1]]), backend="reference")
+
+
+# ----------------------------------------------------------------------------------------------
+# The logits, decoding, the row losses and the modules.
+
+def _logits_and_grads(q, k, mask, kw, backend, gout, dtype=None):
+    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    leaves = [cast(q).detach().requires_grad_(), cast(k).detach().requires_grad_()]
+    kw = dict(kw)
+    for b in ("start_bias", "end_bias"):
+        if b in kw:
+            kw[b] = cast(kw[b]).detach().requires_grad_()
+            leaves.append(kw[b])
+    out = kxops.global_pointer(*leaves[:2], mask, backend=backend, **kw)
+    g = torch.where(torch.isfinite(out), gout.to(out.dtype), torch.zeros((), dtype=out.dtype, device=out.device))
+    gs = torch.autograd.grad(out, leaves, g)
+    return (out, *gs)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+def test_logits_and_gradients_match_reference(backend, device, dtype, case):
+    q, k, _, mask, kw = _case(case, dtype, device)
+    B, L = q.shape[0], q.shape[1]
+    H = kw["start_bias"].shape[1] if "start_bias" in kw else q.shape[2]
+    gout = torch.randn(B, H, L, L, generator=torch.Generator().manual_seed(3)).to(device)
+    got = _logits_and_grads(q, k, mask, kw, backend, gout)
+    ref64 = _logits_and_grads(q, k, mask, kw, "reference", gout, torch.float64)
+    reflp = _logits_and_grads(q, k, mask, kw, "reference", gout)
+    assert got[0].dtype == torch.float32 and got[0].shape == (B, H, L, L)
+    assert torch.equal(torch.isinf(got[0]), torch.isinf(ref64[0])), "the invalid spans differ"
+    fin = torch.isfinite(ref64[0])
+    assert_close_to_ref(got[0][fin], ref64[0][fin], reflp[0][fin], "logits")
+    for i, name in enumerate(["dq", "dk", "dstart", "dend"][:len(got) - 1]):
+        assert_close_to_ref(got[i + 1], ref64[i + 1], reflp[i + 1], name)
+
+
+@pytest.mark.parametrize("case", ["B2-L7-H3-d6-sparse", "types1-mask-padding-row", "efficient-biases",
+                                  "dense-soft-no-tril"])
+@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+def test_decode_returns_the_spans_above_threshold(backend, device, case):
+    q, k, _, mask, kw = _case(case, torch.float32, device)
+    for thr in (0.0, 0.7):
+        spans, scores = kxops.global_pointer_decode(q, k, mask, threshold=thr, backend=backend, **kw)
+        logits = kxops.global_pointer(q, k, mask, backend=backend, **kw)
+        want = (logits > thr).nonzero()
+        assert spans.dtype == torch.int64 and torch.equal(spans, want)
+        torch.testing.assert_close(scores, logits[tuple(want.T)], rtol=0, atol=0)
+        # and the reference's spans, away from the threshold
+        ref = gp.global_pointer_logits(q.double(), k.double(), mask, **{n: v.double() if torch.is_tensor(v) else v
+                                                                        for n, v in kw.items()})
+        clear = (ref - thr).abs() > 1e-4
+        assert torch.equal((logits > thr) & clear, (ref > thr) & clear)
+
+
+def test_decode_of_nothing():
+    q = torch.full((1, 4, 2, 4), 0.0)
+    spans, scores = kxops.global_pointer_decode(q, q, threshold=1.0)
+    assert spans.shape == (0, 4) and scores.shape == (0,)
+
+
+def _rows(dtype, device):
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(6, 13, generator=g) * 3).to(dtype).to(device)
+    t = (torch.rand(6, 13, generator=g) < 0.25).float()
+    t[1] = 0  # no positive
+    t[2] = 1  # only positives
+    x[3, 0] = float("-inf")  # a positive at -inf
+    t[3, 0] = 1
+    x[4] = float("-inf")  # all masked
+    t[5] = torch.rand(13, generator=g)  # soft labels
+    t[5, :3] = torch.tensor([0.0, 1.0, 0.5])
+    return x, t.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+def test_row_loss_matches_reference(backend, device, dtype):
+    x, t = _rows(dtype, device)
+    gout = torch.randn(6, generator=torch.Generator().manual_seed(4)).to(device)
+
+    def run(x, be):
+        x = x.detach().requires_grad_()
+        loss = kxops.multilabel_categorical_crossentropy(x, t, reduction="none", backend=be)
+        return loss, torch.autograd.grad(loss, x, gout.to(loss.dtype))[0]
+    got, ref64, reflp = run(x, backend), run(x.double(), "reference"), run(x, "reference")
+    for i, name in enumerate(("loss", "dx")):
+        assert torch.isfinite(got[i]).all(), name
+        assert_close_to_ref(got[i], ref64[i], reflp[i], name)
+    assert got[0][4] == 0 and (got[1][4] == 0).all()  # an all-masked row
+    assert got[1][3, 0] == 0  # the positive at -inf
+
+
+@pytest.mark.parametrize("mask_zero", [False, True])
+@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+def test_sparse_row_loss_equals_dense(backend, device, mask_zero):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 11, generator=g).to(device)
+    pos = torch.randint(0, 11, (2, 3, 4), generator=g)
+    pos[0, 0, 1] = pos[0, 0, 0]  # duplicate
+    pos[1, 2] = 0  # padding only (mask_zero) / class 0 (otherwise)
+    pos = pos.to(device)
+    xs = x.clone().requires_grad_()
+    a = kxops.sparse_multilabel_categorical_crossentropy(xs, pos, mask_zero=mask_zero, reduction="none",
+                                                          backend=backend)
+    (ga,) = torch.autograd.grad(a.sum(), xs)
+    dense = gp.positives_to_dense(pos.cpu(), 11, mask_zero).to(device)
+    xd = x.clone()
+    if mask_zero:
+        xd[..., 0] = float("-inf")
+    xd.requires_grad_()
+    b = kxops.multilabel_categorical_crossentropy(xd, dense, reduction="none", backend=backend)
+    (gb,) = torch.autograd.grad(b.sum(), xd)
+    assert a.shape == (2, 3)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
+
+
+def test_row_loss_reductions_and_bad_input():
+    x, t = _rows(torch.float32, "cpu")
+    MLCE, SMLCE = kxops.multilabel_categorical_crossentropy, kxops.sparse_multilabel_categorical_crossentropy
+    rows = MLCE(x, t, reduction="none")
+    torch.testing.assert_close(MLCE(x, t), rows.mean())
+    torch.testing.assert_close(MLCE(x, t, reduction="sum"), rows.sum())
+    assert_raises_with(lambda: MLCE(x, t[:, :5]), ValueError, "targets must have logits' shape")
+    assert_raises_with(lambda: MLCE(x, t * 2), ValueError, "targets must be in [0, 1]")
+    assert_raises_with(lambda: MLCE(x.int(), t), TypeError, "logits must be a floating-point tensor")
+    assert_raises_with(lambda: SMLCE(x, torch.tensor([[13]] * 6)), ValueError, "positive_indices must be in [0, 13)")
+    assert_raises_with(lambda: SMLCE(x, torch.zeros(5, 2, dtype=torch.long)), ValueError,
+                       "positive_indices must be (..., P) with logits' leading dims")
+    assert_raises_with(lambda: SMLCE(x, torch.zeros(6, 2)), TypeError, "positive_indices must be an integer tensor")
+
+
+def test_row_loss_gradcheck_cpu():
+    x, t = _rows(torch.float64, "cpu")
+    x = x.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: kxops.multilabel_categorical_crossentropy(x, t, reduction="none",
+                                                                                        backend="cpu"), (x,))
+
+
+def test_opcheck_cpu_logits_and_rows():
+    q, k, _, mask, kw = _case("efficient-biases", torch.float32, "cpu")
+    from kxops.reference.rope import rope_schedule
+    args = (q.requires_grad_(), k, mask, kw["start_bias"], kw["end_bias"], rope_schedule(8, dtype=torch.float32)[0],
+            3, 8 ** -0.5, True)
+    opcheck(torch.ops.kxops.global_pointer.default, args)
+    x, t = _rows(torch.float32, "cpu")
+    opcheck(torch.ops.kxops.multilabel_categorical_crossentropy.default, (x.requires_grad_(), t, None, False))
+    pos = torch.randint(0, 13, (6, 3))
+    opcheck(torch.ops.kxops.multilabel_categorical_crossentropy.default, (x, None, pos, True))
+
+
+# bert4torch's modules, written here from the spec's formulas with the same parameter names and layouts
+# (bert4torch/layers/global_point.py): a state_dict loads unchanged and the logits agree on valid spans.
+def _b4t_rope(x):  # interleaved pairs ('adjacent'), positions 0..L-1 along dim 1, base 10000
+    L, d = x.shape[1], x.shape[-1]
+    ang = torch.arange(L, dtype=torch.float64)[:, None] * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cos = ang.cos().repeat_interleave(2, -1).to(x.dtype)
+    sin = ang.sin().repeat_interleave(2, -1).to(x.dtype)
+    shape = (1, L) + (1,) * (x.dim() - 3) + (d,)
+    x2 = torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape_as(x)
+    return x * cos.view(shape) + x2 * sin.view(shape)
+
+
+class _B4tGlobalPointer(torch.nn.Module):
+    def __init__(self, hidden_size, heads, head_size):
+        super().__init__()
+        self.heads, self.head_size = heads, head_size
+        self.dense = torch.nn.Linear(hidden_size, heads * head_size * 2)
+
+    def forward(self, x, mask):
+        y = torch.stack(torch.chunk(self.dense(x), self.heads, dim=-1), dim=-2)
+        qw, kw = _b4t_rope(y[..., :self.head_size]), _b4t_rope(y[..., self.head_size:])
+        logits = torch.einsum("bmhd,bnhd->bhmn", qw, kw)
+        m = mask[:, None]
+        logits = logits.masked_fill(~m[..., :, None].bool(), float("-inf")).masked_fill(~m[..., None, :].bool(),
+                                                                                          float("-inf"))
+        logits = logits - torch.tril(torch.ones_like(logits), -1) * 1e12
+        return logits / self.head_size ** 0.5
+
+
+class _B4tEfficientGlobalPointer(torch.nn.Module):
+    def __init__(self, hidden_size, heads, head_size):
+        super().__init__()
+        self.heads, self.head_size = heads, head_size
+        self.p_dense = torch.nn.Linear(hidden_size, head_size * 2)
+        self.q_dense = torch.nn.Linear(head_size * 2, heads * 2)
+
+    def forward(self, x, mask):
+        y = self.p_dense(x)
+        qw, kw = _b4t_rope(y[..., :self.head_size]), _b4t_rope(y[..., self.head_size:])
+        logits = torch.einsum("bmd,bnd->bmn", qw, kw) / self.head_size ** 0.5
+        bias = torch.stack(torch.chunk(self.q_dense(y), self.heads, dim=-1), dim=-2).transpose(1, 2) / 2
+        logits = logits.unsqueeze(1) + bias[..., :1] + bias[..., 1:].transpose(2, 3)
+        m = mask[:, None]
+        logits = logits.masked_fill(~m[..., :, None].bool(), float("-inf")).masked_fill(~m[..., None, :].bool(),
+                                                                                          float("-inf"))
+        return logits - torch.tril(torch.ones_like(logits), -1) * 1e12
+
+
+@pytest.mark.parametrize("module", ["GlobalPointer", "EfficientGlobalPointer"])
+def test_modules_load_bert4torch_state_dicts_and_agree(module):
+    torch.manual_seed(11)
+    theirs = {"GlobalPointer": _B4tGlobalPointer, "EfficientGlobalPointer": _B4tEfficientGlobalPointer}[module](
+        24, 3, 8).double()
+    ours = getattr(kxops.nn, module)(24, 3, 8).double()
+    ours.load_state_dict(theirs.state_dict())  # strict: same names, same shapes
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    a, b = ours(x, mask), theirs(x, mask)
+    valid = torch.isfinite(a)
+    assert torch.equal(valid, (b > -1e11))  # kxops' -inf: their -inf and -1e12 below the diagonal
+    torch.testing.assert_close(a[valid], b[valid])
+    spans = torch.tensor([[0, 1, 2, 4], [1, 2, 0, 5], [1, 0, 3, 3]])
+    loss = ours.loss(x, mask, spans)
+    torch.testing.assert_close(loss, gp.multilabel_categorical_crossentropy(
+        a.reshape(2, 3, -1), gp.span_labels_to_dense(spans, 2, 3, 9, "cpu").reshape(2, 3, -1).double()))
+    got, scores = ours.decode(x, mask)
+    assert torch.equal(got, (a > 0).nonzero())
