@@ -283,3 +283,339 @@ def test_bad_backward_arguments_raise(ops):
         ops.global_pointer_loss_backward(dloss.double(), c["q"], c["k"], *call_args(c), ln, lp)
     with pytest.raises(RuntimeError, match="lse_pos must be a float32"):
         ops.global_pointer_loss_backward(dloss, c["q"], c["k"], *call_args(c), ln, lp[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The span logits (kxops::global_pointer), their backward and decoding, against `logits_ref` /
+# `decode_ref`. Logits: the -inf pattern exactly, the finite entries under the float32 rule. Backward: the
+# reference's autograd for a random dlogits that is NaN on the invalid spans (never to be read). Decoding:
+# exactly the spans where this backend's own logits exceed the threshold, with those logits as scores, and
+# the reference's spans wherever its logit is not within 1e-5 of the threshold.
+
+SCORE_ARGS = ("mask", "start_bias", "end_bias", "inv_freq", "H", "scale", "tril")
+
+
+def score_args(c):
+    return [c[a] for a in SCORE_ARGS]
+
+
+def ref_logits(c, q, k, biases=None):
+    kw = dict(c)
+    if biases is not None:
+        kw["start_bias"], kw["end_bias"] = biases
+    return gp.logits_ref(q, k, *(kw[a] for a in SCORE_ARGS))
+
+
+def ref_logit_grads(c, dlogits, cast):
+    q, k = cast(c["q"]).detach().requires_grad_(), cast(c["k"]).detach().requires_grad_()
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    biases = [None if c[n] is None else c[n].to(acc).requires_grad_() for n in ("start_bias", "end_bias")]
+    out = ref_logits(c, q, k, biases)
+    leaves = [q, k] + [x for x in biases if x is not None]
+    gs = list(torch.autograd.grad(out, leaves, dlogits.to(out.dtype)))
+    return gs[:2] + [None if x is None else gs.pop(2) for x in biases]
+
+
+def check_logits(ops, c):
+    out = ops.global_pointer(c["q"], c["k"], *score_args(c))
+    r64, rlp = ref_logits(c, c["q"].double(), c["k"].double()), ref_logits(c, c["q"], c["k"])
+    assert out.dtype == torch.float32 and out.shape == r64.shape and out.is_contiguous()
+    valid = torch.isfinite(r64)
+    assert torch.equal(out == float("-inf"), ~valid), "logits: -inf exactly on the invalid spans"
+    assert_close_to_ref(out[valid], r64[valid], rlp[valid], "logits")
+    return out, rlp
+
+
+def check_logits_backward(ops, c, seed=0):
+    B, L, H = c["q"].shape[0], c["q"].shape[1], c["H"]
+    dlogits = torch.randn(B, H, L, L, generator=torch.Generator().manual_seed(seed))
+    invalid = ~gp.valid_spans(L, c["mask"], c["tril"], "cpu").expand(B, H, L, L)
+    dlogits[invalid] = float("nan")  # never read
+    got = ops.global_pointer_backward(dlogits, c["q"], c["k"], *score_args(c))
+    g64, glp = ref_logit_grads(c, dlogits, lambda t: t.double()), ref_logit_grads(c, dlogits, lambda t: t)
+    for name, o, a, b in zip(("dq", "dk", "dstart", "dend"), got, g64, glp):
+        if a is None:  # no bias: an empty float32 tensor
+            assert o.dtype == torch.float32 and o.shape == (0,), name
+            continue
+        assert o.shape == a.shape and o.dtype == b.dtype and o.is_contiguous(), name
+        assert_close_to_ref(o, a, b, name)
+    storages = {t.untyped_storage()._cdata for t in got}
+    assert len(storages) == 4, "the outputs alias"
+
+
+def check_decode(ops, c, logits, rlp, threshold, expect_hits=True):
+    spans, scores = ops.global_pointer_decode(c["q"], c["k"], *score_args(c), threshold)
+    hit = logits > threshold
+    assert spans.dtype == torch.int64 and scores.dtype == torch.float32
+    assert spans.shape == (int(hit.sum()), 4) and scores.shape == (int(hit.sum()),)
+    assert torch.equal(spans, hit.nonzero()), "decode: the spans where the logits exceed the threshold"
+    assert torch.equal(scores, logits[hit]), "decode: the scores are the logits"
+    if expect_hits:
+        assert hit.any() and (~hit & torch.isfinite(logits)).any(), "a threshold that splits the spans"
+    rs, rsc = gp.decode_ref(c["q"], c["k"], *score_args(c), threshold)
+    ref_hit = torch.zeros_like(hit)
+    ref_hit[tuple(rs.t())] = True
+    near = (rlp - threshold).abs() <= 1e-5
+    assert ((hit == ref_hit) | near).all(), "decode: the reference's spans away from the threshold"
+
+
+def check_scores_case(ops, c, thresholds=(0.0,), seed=0):
+    logits, rlp = check_logits(ops, c)
+    check_logits_backward(ops, c, seed)
+    for t in thresholds:
+        check_decode(ops, c, logits, rlp, t)
+
+
+SCORE_MATRIX = []
+for ti, tril in enumerate((True, False)):
+    for ri, rope in enumerate((True, False)):
+        for di, dname in enumerate(("fp32", "bf16")):
+            bias = ("both", "none", "start", "end")[(ti + 2 * ri + di) % 4]
+            mask = (None, "pad", "holes")[(ti + 2 * ri + di) % 3]
+            shared = (ti + ri + di) % 2 == 1
+            SCORE_MATRIX.append(pytest.param(
+                dict(tril=tril, rope=rope, bias=bias, mask=mask, Hq=1 if shared else None), dname,
+                id="-".join(["tril" if tril else "full", "rope" if rope else "norope", f"bias_{bias}", f"mask_{mask}",
+                             "Hq1" if shared else "HqH", dname])))
+
+
+@pytest.mark.parametrize("kw, dname", SCORE_MATRIX)
+def test_logits_matches_reference(ops, kw, dname):
+    c, _ = make_case(DTYPES[dname], B=3, L=19, H=3, d=10, labels="dense", **kw)
+    check_scores_case(ops, c, thresholds=(0.0, 1.0))
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+@pytest.mark.parametrize("shape, kw", [
+    (dict(B=2, L=1, H=2, d=6), dict()),
+    (dict(B=2, L=70, H=1, d=6), dict(bias="start")),
+    (dict(B=1, L=19, H=2, d=64), dict(tril=False, Hq=1)),
+    (dict(B=1, L=9, H=2, d=256), dict(mask="holes")),
+    (dict(B=2, L=9, H=2, d=5), dict(rope=False, tril=False)),
+    (dict(B=2, L=7, H=2, d=1), dict(rope=False, Hq=1)),
+], ids=["L1-d6", "L70-d6", "L19-d64", "L9-d256", "L9-d5-norope", "L7-d1-norope"])
+def test_logits_sizes(ops, shape, kw, dname):
+    c, _ = make_case(DTYPES[dname], labels="dense", **shape, **kw)
+    logits, rlp = check_logits(ops, c)
+    check_logits_backward(ops, c)
+    check_decode(ops, c, logits, rlp, 0.0, expect_hits=shape["L"] > 1)
+
+
+def test_logits_fp16(ops):
+    for rope in (True, False):
+        c, _ = make_case(torch.float16, B=2, L=19, H=2, d=10, rope=rope, labels="dense")
+        check_scores_case(ops, c)
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_logits_shared_qk_many_types(ops, dname):
+    # Hq = 1 for H = 10 types: two type groups a score tile; dq, dk sum the types' gradients
+    c, _ = make_case(DTYPES[dname], B=2, L=12, H=10, Hq=1, d=6, labels="dense", mask="holes")
+    check_scores_case(ops, c, thresholds=(0.5,))
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_logits_strided_inputs(ops, dname):
+    c, _ = make_case(DTYPES[dname], B=2, L=19, H=3, d=10, strided=True, labels="dense", tril=False)
+    assert not c["q"].is_contiguous() and c["q"].stride(-1) == 1
+    check_scores_case(ops, c)
+
+
+def test_logits_small_tiles_and_grid_stride(ops, monkeypatch):
+    # 48 KB of shared memory with d = 128: 16- or 32-row tiles, several i-blocks a row (decode's row
+    # offsets carried across j-blocks); two blocks walk every launch's work items
+    monkeypatch.setenv("KXOPS_EMU_SMEM_OPTIN", str(48 * 1024))
+    monkeypatch.setenv("KXOPS_EMU_GRID_CAP", "2")
+    for dname in ("fp32", "bf16"):
+        c, _ = make_case(DTYPES[dname], B=2, L=40, H=2, d=128, labels="dense", mask="pad", tril=dname == "fp32")
+        check_scores_case(ops, c)
+
+
+def test_decode_without_hits(ops):
+    c, _ = make_case(torch.float32, B=3, L=7, H=2, d=6, labels="dense")
+    spans, scores = ops.global_pointer_decode(c["q"], c["k"], *score_args(c), 1e6)
+    assert spans.shape == (0, 4) and spans.dtype == torch.int64 and scores.shape == (0,)
+    # every span a hit: all the valid ones, padding (the third sequence) none
+    logits, rlp = check_logits(ops, c)
+    check_decode(ops, c, logits, rlp, -1e6, expect_hits=False)
+    assert int((logits > -1e6).sum()) == int(torch.isfinite(logits).sum())
+
+
+def test_logits_empty(ops):
+    c, _ = make_case(torch.float32, B=0, L=5, H=2, d=6, labels="dense", mask=None)
+    assert ops.global_pointer(c["q"], c["k"], *score_args(c)).shape == (0, 2, 5, 5)
+    spans, scores = ops.global_pointer_decode(c["q"], c["k"], *score_args(c), 0.0)
+    assert spans.shape == (0, 4) and scores.shape == (0,)
+    dq, dk, ds, de = ops.global_pointer_backward(torch.zeros(0, 2, 5, 5), c["q"], c["k"], *score_args(c))
+    assert dq.shape == (0, 5, 2, 6) and ds.shape == (0, 2, 5)
+    # a shared q / k (Hq = 1) for no types: no logits, zero gradients
+    c, _ = make_case(torch.float32, B=2, L=5, H=0, Hq=1, d=6, labels="dense", mask=None, bias="none")
+    assert ops.global_pointer(c["q"], c["k"], *score_args(c)).shape == (2, 0, 5, 5)
+    assert ops.global_pointer_decode(c["q"], c["k"], *score_args(c), 0.0)[0].shape == (0, 4)
+    dq, dk, _, _ = ops.global_pointer_backward(torch.zeros(2, 0, 5, 5), c["q"], c["k"], *score_args(c))
+    assert dq.shape == (2, 5, 1, 6) and (dq == 0).all() and (dk == 0).all()
+
+
+def test_logits_bad_arguments_raise(ops):
+    c, _ = make_case(torch.float32, B=2, L=7, H=1, d=6, labels="dense")
+    with pytest.raises(RuntimeError, match="float64 is supported on CPU only"):
+        ops.global_pointer(c["q"].double(), c["k"].double(), *score_args(c))
+    with pytest.raises(RuntimeError, match="k must have q's shape"):
+        ops.global_pointer_decode(c["q"], c["k"][:, :6], *score_args(c), 0.0)
+    with pytest.raises(RuntimeError, match="dlogits must be a contiguous float32"):
+        ops.global_pointer_backward(torch.zeros(2, 1, 7, 6), c["q"], c["k"], *score_args(c))
+    with pytest.raises(RuntimeError, match="dlogits must be a contiguous float32"):
+        ops.global_pointer_backward(torch.zeros(2, 1, 7, 7).double(), c["q"], c["k"], *score_args(c))
+
+
+# ---------------------------------------------------------------------------------------------
+# The row losses on materialised logits (kxops::multilabel_categorical_crossentropy, _backward) against
+# `mlce_ref`: loss, lse_neg, lse_pos float32 under the float32 rule; dx in x's dtype against the
+# reference's autograd for a random dloss, exactly 0 where x is -inf (and at class 0 under mask_zero).
+
+def make_rows(dtype, R, C, labels, P=4, big=2.0, ninf=0.1, seed=0):
+    """x (R, C) with a fraction `ninf` of -inf entries; labels "dense" (0 / 1), "soft" (in [0, 1] with exact 0s
+    and 1s) or "sparse" (R, P) random indices (duplicates likely): (x, targets, positives)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, C, generator=g) * big
+    x[torch.rand(R, C, generator=g) < ninf] = float("-inf")
+    x = x.to(dtype)
+    if labels == "dense":
+        return x, (torch.rand(R, C, generator=g) < 0.2).float(), None
+    if labels == "soft":
+        t = torch.rand(R, C, generator=g)
+        u = torch.rand(R, C, generator=g)
+        t[u < 0.3] = 0.0
+        t[u > 0.8] = 1.0
+        return x, t, None
+    return x, None, torch.randint(0, C, (R, P), generator=g)
+
+
+def check_rows(ops, x, targets, positives, mask_zero=False, seed=0):
+    out = ops.multilabel_categorical_crossentropy(x, targets, positives, mask_zero)
+    r64 = gp.mlce_ref(x.double(), targets, positives, mask_zero)
+    rlp = gp.mlce_ref(x, targets, positives, mask_zero)
+    for name, o, a, b in zip(("loss", "lse_neg", "lse_pos"), out, r64, rlp):
+        assert o.dtype == torch.float32 and o.shape == (x.shape[0],), name
+        assert_close_to_ref(o, a, b, name)
+    dloss = torch.randn(x.shape[0], generator=torch.Generator().manual_seed(seed + 1))
+    dx = ops.multilabel_categorical_crossentropy_backward(dloss, x, targets, positives, mask_zero, out[1], out[2])
+    assert dx.dtype == x.dtype and dx.shape == x.shape and dx.is_contiguous()
+    grads = []
+    for cast in (lambda t: t.double(), lambda t: t):
+        leaf = cast(x).detach().requires_grad_()
+        loss = gp.mlce_ref(leaf, targets, positives, mask_zero)[0]
+        grads.append(torch.autograd.grad(loss, leaf, dloss.to(loss.dtype))[0])
+    assert_close_to_ref(dx, grads[0], grads[1], "dx")
+    assert (dx[torch.isinf(x)] == 0).all(), "dx at -inf"
+    if mask_zero and positives is not None and x.shape[1]:
+        assert (dx[:, 0] == 0).all(), "dx at class 0 under mask_zero"
+    return out, dx
+
+
+ROW_MATRIX = [pytest.param(labels, mask_zero, dname, id=f"{labels}{'-mask_zero' if mask_zero else ''}-{dname}")
+              for labels, mask_zero in (("dense", False), ("soft", False), ("sparse", False), ("sparse", True))
+              for dname in ("fp32", "bf16")]
+
+
+@pytest.mark.parametrize("labels, mask_zero, dname", ROW_MATRIX)
+def test_rows_match_reference(ops, labels, mask_zero, dname):
+    x, t, pos = make_rows(DTYPES[dname], R=6, C=37, labels=labels)
+    check_rows(ops, x, t, pos, mask_zero)
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+@pytest.mark.parametrize("C, P, mask_zero", [(45, 40, False), (200, 300, True), (9, 1, True)],
+                         ids=["P40-sorted-shared", "P300-sorted-global", "P1"])
+def test_rows_many_positives(ops, C, P, mask_zero, dname):
+    # P <= 32: scanned; 32 < P <= 256: sorted, in shared memory; P > 256: sorted, searched in place
+    x, _, pos = make_rows(DTYPES[dname], R=4, C=C, labels="sparse", P=P, seed=3)
+    check_rows(ops, x, None, pos, mask_zero)
+
+
+@pytest.mark.parametrize("labels, dname", [("dense", "bf16"), ("soft", "fp32"), ("sparse", "fp32")])
+def test_rows_long(ops, labels, dname):
+    # rows of more than 2048 classes: a block of 256 threads a row, its warps' log-sum-exps merged
+    x, t, pos = make_rows(DTYPES[dname], R=3, C=5000, labels=labels, P=6, seed=5)
+    check_rows(ops, x, t, pos, mask_zero=labels == "sparse")
+
+
+def test_rows_fp16_and_large_scores(ops):
+    x, t, _ = make_rows(torch.float16, R=5, C=30, labels="soft", big=1.0)
+    check_rows(ops, x, t, None)
+    for dname in ("fp32", "bf16"):  # scores in the tens: the running maxima rescale
+        x, t, _ = make_rows(DTYPES[dname], R=5, C=64, labels="dense", big=25.0, seed=7)
+        loss = check_rows(ops, x, t, None)[0][0]
+        assert loss.max() > 50
+
+
+@pytest.mark.parametrize("dname", ["fp32", "bf16"])
+def test_rows_special(ops, dname):
+    ninf = float("-inf")
+    C = 9
+    x = torch.randn(6, C, generator=torch.Generator().manual_seed(11)) * 2
+    t = (torch.rand(6, C, generator=torch.Generator().manual_seed(12)) < 0.3).float()
+    x[0, [1, 4]] = ninf            # -inf entries
+    t[1] = 0.0                      # no positives
+    t[2] = 1.0                      # only positives
+    x[3, 2], t[3, 2] = ninf, 1.0    # a positive at -inf
+    x[4] = ninf                     # all -inf: loss 0, gradient 0
+    x[5, 1:] = ninf                 # one finite entry
+    x = x.to(DTYPES[dname])
+    (loss, ln, lp), dx = check_rows(ops, x, t, None)
+    assert loss[4] == 0 and ln[4] == 0 and lp[4] == 0 and (dx[4] == 0).all()
+    assert lp[1] == 0 and ln[2] == 0
+    # the same rows as positives (mask_zero: index 0 pads; class 0 no class)
+    x0 = torch.cat([torch.zeros(6, 1, dtype=x.dtype), x], 1)
+    rows = [[c + 1 for c in range(C) if t[r, c]] for r in range(6)]
+    P = max(len(r) for r in rows)
+    pos = torch.tensor([r + [0] * (P - len(r)) for r in rows])
+    (loss2, _, _), dx2 = check_rows(ops, x0, None, pos, mask_zero=True)
+    assert loss2[4] == 0 and (dx2[4] == 0).all()
+    assert torch.equal(loss2, loss) and torch.equal(dx2[:, 1:], dx)
+
+
+def test_rows_grid_stride(ops, monkeypatch):
+    monkeypatch.setenv("KXOPS_EMU_GRID_CAP", "2")
+    x, t, _ = make_rows(torch.float32, R=19, C=21, labels="soft", seed=13)
+    check_rows(ops, x, t, None)
+    x, _, pos = make_rows(torch.bfloat16, R=5, C=3000, labels="sparse", P=3, seed=14)
+    check_rows(ops, x, None, pos)
+
+
+def test_rows_empty(ops):
+    for R, C in ((0, 5), (3, 0)):
+        x = torch.randn(R, C)
+        loss, ln, lp = ops.multilabel_categorical_crossentropy(x, torch.zeros(R, C), None, False)
+        assert loss.shape == (R,) and (loss == 0).all()
+        dx = ops.multilabel_categorical_crossentropy_backward(torch.ones(R), x, torch.zeros(R, C), None, False, ln, lp)
+        assert dx.shape == (R, C)
+    x = torch.randn(3, 6)  # no positives at all (P = 0)
+    check_rows(ops, x, None, torch.zeros(3, 0, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("args, message", [
+    ((torch.randn(3, 4).double(), torch.zeros(3, 4).double(), None, False), "float64 is supported on CPU only"),
+    ((torch.randn(3, 4, 2), torch.zeros(3, 4, 2), None, False), "x must be a contiguous (R, C)"),
+    ((torch.randn(4, 3).t(), torch.zeros(3, 4), None, False), "x must be a contiguous (R, C)"),
+    ((torch.randn(3, 4), None, None, False), "exactly one of them"),
+    ((torch.randn(3, 4), torch.zeros(3, 4), torch.zeros(3, 1, dtype=torch.int64), False), "exactly one of them"),
+    ((torch.randn(3, 4), torch.zeros(3, 4).half(), None, False), "targets must be a contiguous float32"),
+    ((torch.randn(3, 4), torch.zeros(3, 5), None, False), "targets must be a contiguous float32"),
+    ((torch.randn(3, 4), None, torch.zeros(3, 2, dtype=torch.int32), False), "positives must be a contiguous int64"),
+    ((torch.randn(3, 4), None, torch.zeros(2, 2, dtype=torch.int64), False), "positives must be a contiguous int64"),
+], ids=["fp64", "3d", "strided", "no-labels", "two-labels", "targets-dtype", "targets-shape", "pos-dtype",
+        "pos-rows"])
+def test_rows_bad_arguments_raise(ops, args, message):
+    with pytest.raises(RuntimeError) as info:
+        ops.multilabel_categorical_crossentropy(*args)
+    assert message in str(info.value)
+
+
+def test_rows_bad_backward_arguments_raise(ops):
+    x, t, _ = make_rows(torch.float32, R=3, C=5, labels="dense")
+    _, ln, lp = ops.multilabel_categorical_crossentropy(x, t, None, False)
+    with pytest.raises(RuntimeError, match="dloss must be a float32"):
+        ops.multilabel_categorical_crossentropy_backward(torch.ones(3).double(), x, t, None, False, ln, lp)
+    with pytest.raises(RuntimeError, match="lse_pos must be a float32"):
+        ops.multilabel_categorical_crossentropy_backward(torch.ones(3), x, t, None, False, ln, lp[:2])

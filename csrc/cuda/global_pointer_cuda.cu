@@ -1,4 +1,6 @@
-// CUDA implementations of kxops::global_pointer_loss and global_pointer_loss_backward
+// CUDA implementations of kxops::global_pointer_loss and global_pointer_loss_backward, the span logits
+// kxops::global_pointer and global_pointer_backward, decoding (global_pointer_decode) and the row losses on
+// materialised logits (multilabel_categorical_crossentropy, _backward)
 // (docs/global_pointer_kernel_contract.md; the math: ../shared/spec/global_pointer.md).
 //
 // Per (batch b, type h) row, over the valid spans (i, j) of the L x L score matrix
@@ -38,6 +40,17 @@
 // gradient product ds Kt (ds^T Qt) feeds q-dtype outputs only: ds and the operand in two pieces, three
 // products (hi hi, hi lo, lo hi). float32 inputs: CUDA cores, the scores' dot products and the gradient
 // accumulators in double (as in linear_attention_cuda.cu: the float32 rule leaves no room for TF32).
+//
+// The span logits and decoding share one kernel (gp_scores_kernel, its pass in p.mode), with the loss's
+// tiles: a block per (b, q head, type group, i-block) walks the j-blocks, computes a score tile as above and
+// turns it into s_ij = (scale dot) + start + end (float, no FMA contraction: span_score). The logits pass
+// writes every span (-inf where invalid); decoding runs a counting pass (the hits s > threshold of each row
+// (b, h, i)), an inclusive scan of the counts (ATen's cumsum) whose last entry the host reads (one device
+// synchronisation: the hit count sizes the outputs), and a writing pass in which a warp per tile row ranks
+// its hits by ballot and carries the row's next output index from tile to tile, so that the spans come out
+// in row-major order. Being the same machine code, the passes agree with the logits bit for bit. The
+// logits' backward is the loss's backward kernel (LG = true) with ds read from dlogits on the valid spans.
+// The row losses: a warp (short rows) or a block (long rows) per row, online log-sum-exps (see there).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -89,16 +102,19 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 // rows (no bank conflicts). s: the score tile (float). Forward: m (float) and l (double), [2][G][kThreads]:
 // every thread's online log-sum-exps (negatives, positives) per type. Backward: ds (float), its bf16
 // pieces dsp [2] (tensor cores), the accumulator acc (float; double for float32). rf, cf: the own and
-// the other tile's rows that are tokens.
+// the other tile's rows that are tokens. Scores (logits, decode): cnt (int64) [G][bt], decode's hits per
+// own row and type (counting pass), or the next hit's output index (writing pass).
+enum class Kind { kLossForward, kBackward, kScores };
+
 struct Lay {
   int bt = 0, pieces = 0, G = 1;
   int ldo = 0, lds = 0, ldd = 0, lda = 0;
-  int64_t x = -1, y = -1, s = -1, m = -1, l = -1, ds = -1, dsp = -1, acc = -1, rf = -1, cf = -1;
+  int64_t x = -1, y = -1, s = -1, m = -1, l = -1, ds = -1, dsp = -1, acc = -1, cnt = -1, rf = -1, cf = -1;
   int64_t bytes = 0;
 };
 
 template <typename T>
-Lay make_layout(bool backward, int bt, int dp, int pieces, int G) {
+Lay make_layout(Kind kind, int bt, int dp, int pieces, int G) {
   constexpr bool tc = Tr<T>::kTc;
   Lay l;
   l.bt = bt;
@@ -118,9 +134,11 @@ Lay make_layout(bool backward, int bt, int dp, int pieces, int G) {
   l.x = take(operand);
   l.y = take(operand);
   l.s = take(int64_t{bt} * l.lds * 4);
-  if (!backward) {
+  if (kind == Kind::kLossForward) {
     l.m = take(int64_t{2} * G * kThreads * 4);
     l.l = take(int64_t{2} * G * kThreads * 8);
+  } else if (kind == Kind::kScores) {
+    l.cnt = take(int64_t{G} * bt * 8);
   } else {
     l.ds = take(int64_t{bt} * l.lds * 4);
     if (tc) l.dsp = take(int64_t{2} * bt * l.ldd * 2);
@@ -160,7 +178,18 @@ struct Params {
   int64_t dl_sb = 0, dl_sh = 0, ln_sb = 0, ln_sh = 0, lp_sb = 0, lp_sh = 0;
   T* dx = nullptr;         // this launch's dq or dk, (B, L, Hq, d) contiguous
   float* dbias = nullptr;  // this launch's dstart or dend, (B, H, L), or null
+  const float* dlogits = nullptr;  // the logits' backward: (B, H, L, L) contiguous
+  // scores (logits, decode): the pass, and its outputs
+  int mode = 0;                    // kLogits, kCount, kWrite
+  float* logits = nullptr;         // kLogits: (B, H, L, L)
+  int64_t* counts = nullptr;       // kCount: (B H L) hits per row (b, h, i); kWrite: read
+  const int64_t* incl = nullptr;   // kWrite: the counts' inclusive scan
+  int64_t* spans = nullptr;        // kWrite: (N, 4)
+  float* hit_scores = nullptr;     // kWrite: (N)
+  float threshold = 0.0f;
 };
+
+constexpr int kLogits = 0, kCount = 1, kWrite = 2;
 
 // ---- labels ----
 
@@ -384,6 +413,17 @@ __device__ void grad_product(const Params<T>& p, unsigned char* smem) {
   }
 }
 
+// s_ij of row `row` (b H + h) from the tile's dot product, rounded as the reference rounds it (scale times
+// the dot product, then + start, then + end, each in float) and never contracted into an FMA, so that
+// every call site (logits, decode's two passes) gives the same bits.
+template <typename T>
+__device__ __forceinline__ float span_score(const Params<T>& p, float dot, int64_t row, int64_t i, int64_t j) {
+  float s = __fmul_rn(p.scale, dot);
+  if (p.sb != nullptr) s = __fadd_rn(s, p.sb[row * p.L + i]);
+  if (p.eb != nullptr) s = __fadd_rn(s, p.eb[row * p.L + j]);
+  return s;
+}
+
 // ---- kernels ----
 
 // The RoPE table: (cos, sin) of float32(i) * inv_freq[k] for i < L, k < d / 2 (n = L d / 2 entries), so
@@ -502,9 +542,121 @@ __global__ void __launch_bounds__(kThreads) gp_combine_kernel(const double* ws, 
   }
 }
 
+// The span scores, one kernel for three passes (p.mode), so that decoding's hits are those of the logits
+// that the same machine code computes: a block per (b, q head, type group, i-block) walks the j-blocks as
+// the loss's forward does, a score tile serving up to G types when Hq = 1.
+//   kLogits: every (i, j) of the block's rows into p.logits, -inf where the span is invalid (whole tiles
+//            below the diagonal or without a valid row or column included);
+//   kCount:  the hits (valid, s > threshold) of each own row (b, h, i) into p.counts;
+//   kWrite:  the hits, [b, h, i, j] and s, at p.incl - p.counts (the row's first output index) onwards,
+//            in row-major order: a warp per tile row takes its columns 32 at a time, a ballot gives each
+//            lane its hit's rank, and cnt carries the row's next index from tile to tile.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gp_scores_kernel(const Params<T> p) {
+  extern __shared__ __align__(128) unsigned char gp_smem[];
+  const Lay& l = p.lay;
+  const int bt = l.bt, G = l.G, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  unsigned char* xb = gp_smem + l.x;
+  unsigned char* yb = gp_smem + l.y;
+  float* S = reinterpret_cast<float*>(gp_smem + l.s);
+  int64_t* cnt = reinterpret_cast<int64_t*>(gp_smem + l.cnt);  // [G][bt]
+  unsigned char* rf = gp_smem + l.rf;
+  unsigned char* cf = gp_smem + l.cf;
+  const int64_t items = p.B * p.Hq * p.ngroups * p.nblk;
+  for (int64_t w = blockIdx.x; w < items; w += gridDim.x) {
+    const int64_t ib = w % p.nblk;
+    int64_t rest = w / p.nblk;
+    const int grp = static_cast<int>(rest % p.ngroups);
+    rest /= p.ngroups;
+    const int hq = static_cast<int>(rest % p.Hq);
+    const int64_t b = rest / p.Hq;
+    const int h0 = p.Hq == 1 ? grp * G : hq;
+    const int nty = p.Hq == 1 ? min(G, p.H - h0) : 1;
+    const int64_t i0 = ib * bt;
+    load_operand(p, xb, rf, p.q + b * p.q_sb + hq * p.q_sh + i0 * p.q_sl, p.q_sl, b, i0);
+    if (p.mode != kLogits) {
+      for (int it = tid; it < G * bt; it += kThreads) {
+        const int g = it / bt;
+        const int64_t i = i0 + (it - g * bt), at = ((b * p.H + h0 + g) * p.L + i);
+        cnt[it] = p.mode == kWrite && g < nty && i < p.L ? p.incl[at] - p.counts[at] : 0;
+      }
+    }
+    const bool any_row = __syncthreads_or(tid < bt && rf[tid]);
+    for (int64_t jb = 0; jb < p.nblk; ++jb) {
+      const int64_t j0 = jb * bt;
+      bool live = any_row && !(p.tril && jb < ib);  // block-uniform
+      if (live) {
+        load_operand(p, yb, cf, p.k + b * p.k_sb + hq * p.k_sh + j0 * p.k_sl, p.k_sl, b, j0);
+        live = __syncthreads_or(tid < bt && cf[tid]);
+      }
+      if (live) {
+        scores(p, xb, yb, S);
+        __syncthreads();
+      }
+      if (p.mode == kLogits) {  // consecutive threads, consecutive j
+        for (int g = 0; g < nty; ++g) {
+          const int64_t row = b * p.H + h0 + g;
+          for (int it = tid; it < bt * bt; it += kThreads) {
+            const int r = it / bt, c = it - r * bt;
+            const int64_t i = i0 + r, j = j0 + c;
+            if (i >= p.L || j >= p.L) continue;
+            float v = -INFINITY;
+            if (live && rf[r] && cf[c] && !(p.tril && j < i)) v = span_score(p, S[r * l.lds + c], row, i, j);
+            p.logits[(row * p.L + i) * p.L + j] = v;
+          }
+        }
+      } else if (live) {
+        for (int r = warp; r < bt; r += kWarps) {
+          const int64_t i = i0 + r;
+          if (!rf[r]) continue;  // warp-uniform
+          for (int g = 0; g < nty; ++g) {
+            const int64_t row = b * p.H + h0 + g;
+            const int64_t base = cnt[g * bt + r];
+            int n = 0;
+            for (int c0 = 0; c0 < bt; c0 += 32) {
+              const int c = c0 + lane;
+              const int64_t j = j0 + c;
+              float v = 0.0f;
+              bool hit = false;
+              if (c < bt && cf[c] && !(p.tril && j < i)) {
+                v = span_score(p, S[r * l.lds + c], row, i, j);
+                hit = v > p.threshold;
+              }
+              const unsigned ballot = __ballot_sync(kx::kFullMask, hit);
+              if (p.mode == kWrite && hit) {
+                const int64_t at = base + n + __popc(ballot & ((1u << lane) - 1u));
+                int64_t* sp = p.spans + 4 * at;
+                sp[0] = b;
+                sp[1] = h0 + g;
+                sp[2] = i;
+                sp[3] = j;
+                p.hit_scores[at] = v;
+              }
+              n += __popc(ballot);
+            }
+            __syncwarp();
+            if (lane == 0) cnt[g * bt + r] = base + n;
+          }
+        }
+      }
+      __syncthreads();  // before the next tile's loads
+    }
+    if (p.mode == kCount) {
+      for (int it = tid; it < nty * bt; it += kThreads) {
+        const int g = it / bt;
+        const int64_t i = i0 + (it - g * bt);
+        if (i < p.L) p.counts[(b * p.H + h0 + g) * p.L + i] = cnt[it];
+      }
+    }
+    __syncthreads();
+  }
+}
+
 // Backward. KS = false: the q side (own rows i, dq, dstart); KS = true: the k side (own rows j, dk,
-// dend). A block per (b, head of q / k, own block); with Hq = 1 it sums ds over all H types.
-template <typename T, bool KS>
+// dend). A block per (b, head of q / k, own block); with Hq = 1 it sums ds over all H types. LG: the
+// logits' backward, ds = dlogits on the valid spans (no scores recomputed: each type's dlogits tile is
+// read into S along j, where dlogits is contiguous, the invalid spans' entries never read).
+template <typename T, bool KS, bool LG = false>
 __global__ void __launch_bounds__(kThreads) gp_backward_kernel(const Params<T> p) {
   extern __shared__ __align__(128) unsigned char gp_smem[];
   constexpr bool tc = Tr<T>::kTc;
@@ -543,21 +695,39 @@ __global__ void __launch_bounds__(kThreads) gp_backward_kernel(const Params<T> p
         const int64_t t0 = tb * bt;
         load_operand(p, yb, cf, oth + b * oth_sb + hq * oth_sh + t0 * oth_sl, oth_sl, b, t0);
         if (!__syncthreads_or(tid < bt && cf[tid])) continue;
-        scores(p, xb, yb, S);
-        __syncthreads();
+        if constexpr (!LG) {
+          scores(p, xb, yb, S);
+          __syncthreads();
+        }
         for (int g = 0; g < nty; ++g) {
           const int h = h0 + g;
           const int64_t row = b * p.H + h;
-          const float dl = p.dloss[b * p.dl_sb + h * p.dl_sh];
-          const float lneg = p.lse_neg[b * p.ln_sb + h * p.ln_sh];
-          const float lpos = p.lse_pos[b * p.lp_sb + h * p.lp_sh];
+          float dl = 0.0f, lneg = 0.0f, lpos = 0.0f;
+          if constexpr (LG) {
+            if (g > 0) __syncthreads();  // the previous type's ds read
+            for (int it = tid; it < bt * bt; it += kThreads) {
+              const int a = it / bt, e = it - a * bt;          // e: along j
+              const int ro = KS ? e : a, co = KS ? a : e;        // own row, other column
+              const int64_t i = KS ? t0 + co : o0 + ro, j = KS ? o0 + ro : t0 + co;
+              float v = 0.0f;
+              if (rf[ro] && cf[co] && !(p.tril && j < i)) v = p.dlogits[(row * p.L + i) * p.L + j];
+              S[ro * l.lds + co] = v;
+            }
+            __syncthreads();
+          } else {
+            dl = p.dloss[b * p.dl_sb + h * p.dl_sh];
+            lneg = p.lse_neg[b * p.ln_sb + h * p.ln_sh];
+            lpos = p.lse_pos[b * p.lp_sb + h * p.lp_sh];
+          }
           int64_t lo, hi;
           segment(p, row, lo, hi);
           float rsum = 0.0f;
           for (int c = cb; c < bt; c += tpr) {
             const int64_t gc = t0 + c, i = KS ? gc : gr, j = KS ? gr : gc;
             float ds = 0.0f;
-            if (rf[r] && cf[c] && !(p.tril && j < i)) {
+            if constexpr (LG) {
+              ds = S[r * l.lds + c];  // 0 on invalid spans
+            } else if (rf[r] && cf[c] && !(p.tril && j < i)) {
               float s = p.scale * S[r * l.lds + c] + (p.sb != nullptr ? p.sb[row * p.L + i] : 0.0f);
               if (p.eb != nullptr) s += p.eb[row * p.L + j];
               const float t = label(p, row, lo, hi, i, j);
@@ -610,6 +780,167 @@ __global__ void __launch_bounds__(kThreads) gp_backward_kernel(const Params<T> p
   }
 }
 
+// ---- the row losses on materialised logits ----
+//
+// x (R, C): a group of TPR threads per row (a warp, 4 rows a block, for short rows; a block of 256 for long
+// ones), each thread striding over the row (coalesced) with its own online log-sum-exps (float running
+// max, double sum: the terms' exponentials in float, a rescale's in double), merged in double by shuffles
+// (and shared memory across the block's warps), then with the threshold class (m = 0, l = 1). Labels:
+// dense targets (float32), or the row's positives, a set: P <= kLinearP ones are scanned, more are sorted
+// on the host (ATen) and binary-searched; a row's positives are first copied into shared memory when
+// P <= kSetP. The backward's ds has the same form, per element.
+
+constexpr int kLinearP = 32;    // positives scanned linearly up to this many per row
+constexpr int kSetP = 256;      // positives kept in shared memory up to this many per row
+constexpr int kRowGroups = 4;   // most rows a block serves (short rows: a warp each)
+constexpr int kRowWarps = 8;    // most warps a row's group spans (long rows: a block of 256)
+
+template <typename T>
+struct RowParams {
+  const T* x = nullptr;            // (R, C) contiguous
+  const float* tgt = nullptr;      // (R, C) contiguous, or null
+  const int64_t* pos = nullptr;    // (R, P) contiguous (sorted within rows when P > kLinearP), or null
+  int64_t R = 0, C = 0, P = 0;
+  bool mask_zero = false;          // positives only: class 0 is no class
+  float* loss = nullptr;           // forward: (R) each
+  float* lse_neg = nullptr;
+  float* lse_pos = nullptr;
+  const float* dloss = nullptr;    // backward: (R) each, strided
+  const float* lneg = nullptr;
+  const float* lpos = nullptr;
+  int64_t dl_s = 0, ln_s = 0, lp_s = 0;
+  T* dx = nullptr;                 // (R, C)
+};
+
+__device__ __forceinline__ bool is_finite_f(float v) { return fabsf(v) <= 3.402823466e38f; }  // false for NaN too
+
+// (m, l) += w e^x with x finite, w > 0; m = -inf: no terms.
+__device__ __forceinline__ void online_row(float& m, double& l, float x, float w) {
+  if (x > m) {
+    l = l * exp(static_cast<double>(m) - static_cast<double>(x)) + static_cast<double>(w);
+    m = x;
+  } else {
+    l += static_cast<double>(w * expf(x - m));
+  }
+}
+
+// Whether class c is among the row's positives set[0, P) (sorted: binary search; else a scan).
+__device__ __forceinline__ bool member(const int64_t* set, int64_t P, bool sorted, int64_t c) {
+  if (!sorted) {
+    for (int64_t k = 0; k < P; ++k)
+      if (set[k] == c) return true;
+    return false;
+  }
+  int64_t lo = 0, hi = P;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    const int64_t v = set[mid];
+    if (v == c) return true;
+    if (v < c) lo = mid + 1;
+    else hi = mid;
+  }
+  return false;
+}
+
+template <int TPR>
+__device__ __forceinline__ void group_sync() {
+  if constexpr (TPR == 32) __syncwarp();
+  else __syncthreads();
+}
+
+// The row's positives: in shared memory (copied by the group) when P <= kSetP, else in place.
+template <typename T, int TPR>
+__device__ __forceinline__ const int64_t* row_set(const RowParams<T>& p, int64_t row, int64_t* smem_set, int t) {
+  if (p.pos == nullptr) return nullptr;
+  const int64_t* src = p.pos + row * p.P;
+  if (p.P > kSetP) return src;
+  for (int64_t k = t; k < p.P; k += TPR) smem_set[k] = src[k];
+  group_sync<TPR>();
+  return smem_set;
+}
+
+// t of class c (x[c] finite, and c != 0 under mask_zero).
+template <typename T>
+__device__ __forceinline__ float row_label(const RowParams<T>& p, int64_t row, const int64_t* set, int64_t c) {
+  if (p.tgt != nullptr) return p.tgt[row * p.C + c];
+  return set != nullptr && member(set, p.P, p.P > kLinearP, c) ? 1.0f : 0.0f;
+}
+
+template <typename T, int TPR, int NT>
+__global__ void __launch_bounds__(NT) mlce_forward_kernel(const RowParams<T> p) {
+  __shared__ __align__(16) int64_t mlce_set[kRowGroups * kSetP];
+  __shared__ __align__(16) double mlce_red[4 * kRowWarps];  // per warp: m_neg, l_neg, m_pos, l_pos
+  constexpr int RPB = NT / TPR, W = TPR / 32;
+  const int grp = threadIdx.x / TPR, t = threadIdx.x - grp * TPR, lane = threadIdx.x & 31, wg = t >> 5;
+  for (int64_t row = int64_t{blockIdx.x} * RPB + grp; row < p.R; row += int64_t{gridDim.x} * RPB) {
+    const int64_t* set = row_set<T, TPR>(p, row, mlce_set + grp * kSetP, t);
+    const T* xr = p.x + row * p.C;
+    float mn = -INFINITY, mp = -INFINITY;
+    double ln = 0.0, lp = 0.0;
+    for (int64_t c = t; c < p.C; c += TPR) {
+      const float v = to_f(xr[c]);
+      if (!is_finite_f(v) || (p.mask_zero && c == 0)) continue;
+      const float tv = row_label(p, row, set, c);
+      if (tv < 1.0f) online_row(mn, ln, v, 1.0f - tv);
+      if (tv > 0.0f) online_row(mp, lp, -v, tv);
+    }
+    double an = mn, bn = ln, ap = mp, bp = lp;
+    for (int o = 16; o > 0; o >>= 1) {
+      const double a2 = __shfl_xor_sync(kx::kFullMask, an, o), b2 = __shfl_xor_sync(kx::kFullMask, bn, o);
+      const double c2 = __shfl_xor_sync(kx::kFullMask, ap, o), d2 = __shfl_xor_sync(kx::kFullMask, bp, o);
+      merge(an, bn, a2, b2);
+      merge(ap, bp, c2, d2);
+    }
+    if constexpr (W > 1) {
+      if (lane == 0) {
+        mlce_red[4 * wg] = an, mlce_red[4 * wg + 1] = bn, mlce_red[4 * wg + 2] = ap, mlce_red[4 * wg + 3] = bp;
+      }
+      __syncthreads();
+      if (t == 0) {
+        for (int k = 1; k < W; ++k) {
+          merge(an, bn, mlce_red[4 * k], mlce_red[4 * k + 1]);
+          merge(ap, bp, mlce_red[4 * k + 2], mlce_red[4 * k + 3]);
+        }
+      }
+    }
+    if (t == 0) {
+      merge(an, bn, 0.0, 1.0);  // the threshold class
+      merge(ap, bp, 0.0, 1.0);
+      const double a = an + log(bn), z = ap + log(bp);
+      p.lse_neg[row] = static_cast<float>(a);
+      p.lse_pos[row] = static_cast<float>(z);
+      p.loss[row] = static_cast<float>(a + z);
+    }
+    group_sync<TPR>();  // the set and mlce_red, before the next row's
+  }
+}
+
+template <typename T, int TPR, int NT>
+__global__ void __launch_bounds__(NT) mlce_backward_kernel(const RowParams<T> p) {
+  __shared__ __align__(16) int64_t mlce_set[kRowGroups * kSetP];
+  constexpr int RPB = NT / TPR;
+  const int grp = threadIdx.x / TPR, t = threadIdx.x - grp * TPR;
+  for (int64_t row = int64_t{blockIdx.x} * RPB + grp; row < p.R; row += int64_t{gridDim.x} * RPB) {
+    const int64_t* set = row_set<T, TPR>(p, row, mlce_set + grp * kSetP, t);
+    const float dl = p.dloss[row * p.dl_s], a = p.lneg[row * p.ln_s], z = p.lpos[row * p.lp_s];
+    const T* xr = p.x + row * p.C;
+    T* dxr = p.dx + row * p.C;
+    for (int64_t c = t; c < p.C; c += TPR) {
+      const float v = to_f(xr[c]);
+      float g = 0.0f;
+      if (is_finite_f(v) && !(p.mask_zero && c == 0)) {
+        const float tv = row_label(p, row, set, c);
+        float u = 0.0f;
+        if (tv < 1.0f) u = (1.0f - tv) * expf(v - a);
+        if (tv > 0.0f) u -= tv * expf(-v - z);
+        g = dl * u;
+      }
+      dxr[c] = from_f<T>(g);
+    }
+    group_sync<TPR>();  // the set, before the next row's
+  }
+}
+
 // ---- host ----
 
 struct Checked {
@@ -626,11 +957,11 @@ void check_vector(const char* op, const std::optional<at::Tensor>& t, const char
               t->is_cuda() ? "" : " on CPU");
 }
 
-Checked check_args(const char* op, const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
-                   const std::optional<at::Tensor>& start_bias, const std::optional<at::Tensor>& end_bias,
-                   const std::optional<at::Tensor>& inv_freq, int64_t H,
-                   const std::optional<at::Tensor>& pos_offsets, const std::optional<at::Tensor>& pos_index,
-                   const std::optional<at::Tensor>& targets) {
+// The span scores' arguments (every op of the family but the row losses).
+Checked check_score_args(const char* op, const at::Tensor& q, const at::Tensor& k,
+                         const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& start_bias,
+                         const std::optional<at::Tensor>& end_bias, const std::optional<at::Tensor>& inv_freq,
+                         int64_t H) {
   TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor");
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt != at::kDouble, op, ": float64 is supported on CPU only");
@@ -652,6 +983,16 @@ Checked check_args(const char* op, const at::Tensor& q, const at::Tensor& k, con
     TORCH_CHECK(c.d % 2 == 0, op, ": RoPE needs an even head dim, got d=", c.d);
     check_vector(op, inv_freq, "inv_freq", at::kFloat, {c.d / 2}, q, "float32");
   }
+  return c;
+}
+
+// The loss's arguments: the scores' and the labels.
+Checked check_args(const char* op, const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                   const std::optional<at::Tensor>& start_bias, const std::optional<at::Tensor>& end_bias,
+                   const std::optional<at::Tensor>& inv_freq, int64_t H,
+                   const std::optional<at::Tensor>& pos_offsets, const std::optional<at::Tensor>& pos_index,
+                   const std::optional<at::Tensor>& targets) {
+  const Checked c = check_score_args(op, q, k, mask, start_bias, end_bias, inv_freq, H);
   const bool sparse = pos_offsets.has_value() || pos_index.has_value();
   TORCH_CHECK(sparse != targets.has_value(), op,
               ": the labels are either sparse (pos_offsets and pos_index) or dense (targets), exactly one of them");
@@ -696,7 +1037,7 @@ Params<T> make_params(const Checked& c, const at::Tensor& q, const at::Tensor& k
     p.off = pos_offsets->const_data_ptr<int32_t>();
     p.idx = pos_index->const_data_ptr<int32_t>();
     p.nidx = pos_index->size(0);
-  } else {
+  } else if (targets) {
     p.tgt = targets->const_data_ptr();
     const auto tt = targets->scalar_type();
     p.tgt_type = tt == at::kFloat ? 0 : tt == at::kDouble ? 1 : tt == at::kHalf ? 2 : 3;
@@ -714,13 +1055,13 @@ Params<T> make_params(const Checked& c, const at::Tensor& q, const at::Tensor& k
 
 // The tile size: the largest of 64, 32, 16 that the sequence needs and the device's shared memory holds.
 template <typename T>
-void choose_layout(const char* op, Params<T>& p, bool backward, int G, int device) {
+void choose_layout(const char* op, Params<T>& p, Kind kind, int G, int device) {
   const int64_t limit = kx::max_smem_optin(device);
   const int pieces = p.inv_freq != nullptr ? 3 : Tr<T>::kPieces;
   int bt = 64;
   while (bt > 16 && bt / 2 >= p.L) bt /= 2;
   for (; bt >= 16; bt /= 2) {
-    const Lay l = make_layout<T>(backward, bt, p.dp, pieces, G);
+    const Lay l = make_layout<T>(kind, bt, p.dp, pieces, G);
     if (l.bytes <= limit) {
       p.lay = l;
       p.nblk = (p.L + bt - 1) / bt;
@@ -788,7 +1129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_cuda(
     Params<T> p = make_params<T>(c, q, k, mask, start_bias, end_bias, inv_freq, scale, tril, pos_offsets, pos_index,
                                  targets);
     const int G = c.Hq == 1 ? static_cast<int>(std::min<int64_t>(c.H, kTypeGroup)) : 1;
-    choose_layout(op, p, false, G, q.get_device());
+    choose_layout(op, p, Kind::kLossForward, G, q.get_device());
     p.ngroups = c.Hq == 1 ? static_cast<int>((c.H + G - 1) / G) : 1;
     const at::Tensor tab = rope_table(p, q);
     const at::Tensor ws = at::empty({c.B * c.H * p.nblk * 4}, q.options().dtype(at::kDouble));
@@ -825,7 +1166,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_b
     using T = decltype(tag);
     Params<T> p = make_params<T>(c, q, k, mask, start_bias, end_bias, inv_freq, scale, tril, pos_offsets, pos_index,
                                  targets);
-    choose_layout(op, p, true, 1, q.get_device());
+    choose_layout(op, p, Kind::kBackward, 1, q.get_device());
     const at::Tensor tab = rope_table(p, q);
     p.dloss = dloss.const_data_ptr<float>();
     p.dl_sb = dloss.stride(0), p.dl_sh = dloss.stride(1);
@@ -846,10 +1187,241 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_loss_b
   return {dq, dk, dstart, dend};
 }
 
+// ---- the span logits, their backward, decoding ----
+
+// The scores kernel's layout and type groups (as the loss's forward: with Hq = 1 a block serves up to
+// kTypeGroup types from one score tile). Needs H >= 1.
+template <typename T>
+void prepare_scores(const char* op, Params<T>& p, const Checked& c, int device) {
+  const int G = c.Hq == 1 ? static_cast<int>(std::min<int64_t>(c.H, kTypeGroup)) : 1;
+  choose_layout(op, p, Kind::kScores, G, device);
+  p.ngroups = c.Hq == 1 ? static_cast<int>((c.H + G - 1) / G) : 1;
+}
+
+at::Tensor global_pointer_cuda(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+                               const std::optional<at::Tensor>& start_bias, const std::optional<at::Tensor>& end_bias,
+                               const std::optional<at::Tensor>& inv_freq, int64_t H, double scale, bool tril) {
+  const char* op = "global_pointer";
+  const Checked c = check_score_args(op, q, k, mask, start_bias, end_bias, inv_freq, H);
+  const c10::cuda::CUDAGuard guard(q.device());
+  auto logits = at::empty({c.B, c.H, c.L, c.L}, q.options().dtype(at::kFloat));
+  if (c.B * c.H * c.L == 0) return logits;
+  dispatch(q, [&](auto tag) {
+    using T = decltype(tag);
+    Params<T> p = make_params<T>(c, q, k, mask, start_bias, end_bias, inv_freq, scale, tril, std::nullopt,
+                                 std::nullopt, std::nullopt);
+    prepare_scores(op, p, c, q.get_device());
+    const at::Tensor tab = rope_table(p, q);
+    p.mode = kLogits;
+    p.logits = logits.data_ptr<float>();
+    launch(gp_scores_kernel<T>, p, c.B * c.Hq * p.ngroups * p.nblk);
+  });
+  return logits;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> global_pointer_backward_cuda(
+    const at::Tensor& dlogits, const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& start_bias, const std::optional<at::Tensor>& end_bias,
+    const std::optional<at::Tensor>& inv_freq, int64_t H, double scale, bool tril) {
+  const char* op = "global_pointer_backward";
+  const Checked c = check_score_args(op, q, k, mask, start_bias, end_bias, inv_freq, H);
+  TORCH_CHECK(dlogits.is_cuda() && dlogits.device() == q.device() && dlogits.scalar_type() == at::kFloat &&
+                  dlogits.sizes() == at::IntArrayRef({c.B, c.H, c.L, c.L}) && dlogits.is_contiguous(),
+              op, ": dlogits must be a contiguous float32 (", c.B, ", ", c.H, ", ", c.L, ", ", c.L,
+              ") tensor on q's device, got ", dlogits.scalar_type(), " ", dlogits.sizes(),
+              dlogits.is_contiguous() ? "" : " (not contiguous)");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto f32 = q.options().dtype(at::kFloat);
+  auto dq = at::empty({c.B, c.L, c.Hq, c.d}, q.options());
+  auto dk = at::empty({c.B, c.L, c.Hq, c.d}, k.options());
+  auto dstart = start_bias ? at::empty({c.B, c.H, c.L}, f32) : at::empty({0}, f32);
+  auto dend = end_bias ? at::empty({c.B, c.H, c.L}, f32) : at::empty({0}, f32);
+  if (c.B * c.Hq * c.L == 0) return {dq, dk, dstart, dend};
+  dispatch(q, [&](auto tag) {
+    using T = decltype(tag);
+    Params<T> p = make_params<T>(c, q, k, mask, start_bias, end_bias, inv_freq, scale, tril, std::nullopt,
+                                 std::nullopt, std::nullopt);
+    choose_layout(op, p, Kind::kBackward, 1, q.get_device());
+    const at::Tensor tab = rope_table(p, q);
+    p.dlogits = dlogits.const_data_ptr<float>();
+    const int64_t items = c.B * c.Hq * p.nblk;
+    Params<T> pq = p;
+    pq.dx = reinterpret_cast<T*>(dq.data_ptr());
+    pq.dbias = start_bias ? dstart.data_ptr<float>() : nullptr;
+    launch(gp_backward_kernel<T, false, true>, pq, items);
+    Params<T> pk = p;
+    pk.dx = reinterpret_cast<T*>(dk.data_ptr());
+    pk.dbias = end_bias ? dend.data_ptr<float>() : nullptr;
+    launch(gp_backward_kernel<T, true, true>, pk, items);
+  });
+  return {dq, dk, dstart, dend};
+}
+
+// Decoding: a counting pass (hits per row (b, h, i)), their inclusive scan (ATen's cumsum), whose last
+// entry, the number of hits N, the host reads (a device synchronisation: N sizes the outputs), then a
+// writing pass of the same kernel, each row's hits in column order from its first index on.
+std::tuple<at::Tensor, at::Tensor> global_pointer_decode_cuda(
+    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& start_bias, const std::optional<at::Tensor>& end_bias,
+    const std::optional<at::Tensor>& inv_freq, int64_t H, double scale, bool tril, double threshold) {
+  const char* op = "global_pointer_decode";
+  const Checked c = check_score_args(op, q, k, mask, start_bias, end_bias, inv_freq, H);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const auto i64 = q.options().dtype(at::kLong);
+  const auto f32 = q.options().dtype(at::kFloat);
+  const int64_t rows = c.B * c.H * c.L;
+  if (rows == 0) return {at::empty({0, 4}, i64), at::empty({0}, f32)};
+  at::Tensor spans, hit_scores;
+  dispatch(q, [&](auto tag) {
+    using T = decltype(tag);
+    Params<T> p = make_params<T>(c, q, k, mask, start_bias, end_bias, inv_freq, scale, tril, std::nullopt,
+                                 std::nullopt, std::nullopt);
+    prepare_scores(op, p, c, q.get_device());
+    const at::Tensor tab = rope_table(p, q);
+    p.threshold = static_cast<float>(threshold);  // the comparison in float32, as the logits'
+    const int64_t items = c.B * c.Hq * p.ngroups * p.nblk;
+    const at::Tensor counts = at::empty({rows}, i64);
+    p.mode = kCount;
+    p.counts = counts.data_ptr<int64_t>();
+    launch(gp_scores_kernel<T>, p, items);
+    const at::Tensor incl = at::cumsum(counts, 0);
+    const int64_t n = incl[rows - 1].item<int64_t>();
+    spans = at::empty({n, 4}, i64);
+    hit_scores = at::empty({n}, f32);
+    if (n > 0) {
+      p.mode = kWrite;
+      p.incl = incl.const_data_ptr<int64_t>();
+      p.spans = spans.data_ptr<int64_t>();
+      p.hit_scores = hit_scores.data_ptr<float>();
+      launch(gp_scores_kernel<T>, p, items);
+    }
+  });
+  return {spans, hit_scores};
+}
+
+// ---- the row losses ----
+
+constexpr int64_t kShortRow = 2048;  // rows of up to this many classes: a warp each, else a block of 256
+
+void check_mlce(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& targets,
+                const std::optional<at::Tensor>& positives) {
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt != at::kDouble, op, ": float64 is supported on CPU only");
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": x must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), op, ": x must be a contiguous (R, C) tensor, got ", x.sizes(),
+              x.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(targets.has_value() != positives.has_value(), op,
+              ": the labels are either dense (targets) or positive indices (positives), exactly one of them");
+  if (targets) {
+    TORCH_CHECK(targets->is_cuda() && targets->device() == x.device() && targets->scalar_type() == at::kFloat &&
+                    targets->sizes() == x.sizes() && targets->is_contiguous(),
+                op, ": targets must be a contiguous float32 tensor of x's shape ", x.sizes(), " on x's device, got ",
+                targets->scalar_type(), " ", targets->sizes(), targets->is_contiguous() ? "" : " (not contiguous)");
+  } else {
+    TORCH_CHECK(positives->is_cuda() && positives->device() == x.device() &&
+                    positives->scalar_type() == at::kLong && positives->dim() == 2 &&
+                    positives->size(0) == x.size(0) && positives->is_contiguous(),
+                op, ": positives must be a contiguous int64 (", x.size(0), ", P) tensor on x's device, got ",
+                positives->scalar_type(), " ", positives->sizes(), positives->is_contiguous() ? "" : " (not contiguous)");
+  }
+}
+
+// A (R,) float32 tensor the backward reads (any stride).
+void check_row_vector(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.is_cuda() && t.device() == x.device() && t.scalar_type() == at::kFloat && t.dim() == 1 &&
+                  t.size(0) == x.size(0),
+              op, ": ", name, " must be a float32 (", x.size(0), ",) tensor on x's device, got ", t.scalar_type(),
+              " ", t.sizes());
+}
+
+// The row kernels' parameters; `sorted` keeps a sorted copy of the positives alive (P > kLinearP).
+template <typename T>
+RowParams<T> row_params(const at::Tensor& x, const std::optional<at::Tensor>& targets,
+                        const std::optional<at::Tensor>& positives, bool mask_zero, at::Tensor& sorted) {
+  RowParams<T> p;
+  p.x = reinterpret_cast<const T*>(x.const_data_ptr());
+  p.R = x.size(0);
+  p.C = x.size(1);
+  if (targets) p.tgt = targets->const_data_ptr<float>();
+  if (positives) {
+    p.P = positives->size(1);
+    sorted = p.P > kLinearP ? std::get<0>(at::sort(*positives, 1)).contiguous() : *positives;
+    p.pos = sorted.const_data_ptr<int64_t>();
+    p.mask_zero = mask_zero;
+  }
+  return p;
+}
+
+template <int TPR, int NT, typename K, typename P>
+void launch_rows(K kernel, const P& p) {
+  constexpr int RPB = NT / TPR;
+  static_assert(RPB <= kRowGroups && TPR / 32 <= kRowWarps && NT % TPR == 0 && TPR % 32 == 0);
+  const auto grid = static_cast<unsigned>(std::min<int64_t>((p.R + RPB - 1) / RPB, kx::max_grid_x()));
+  kernel<<<grid, NT, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlce_cuda(const at::Tensor& x, const std::optional<at::Tensor>& targets,
+                                                         const std::optional<at::Tensor>& positives, bool mask_zero) {
+  const char* op = "multilabel_categorical_crossentropy";
+  check_mlce(op, x, targets, positives);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto f32 = x.options().dtype(at::kFloat);
+  const int64_t R = x.size(0);
+  auto loss = at::empty({R}, f32);
+  auto lse_neg = at::empty({R}, f32);
+  auto lse_pos = at::empty({R}, f32);
+  if (R == 0) return {loss, lse_neg, lse_pos};
+  dispatch(x, [&](auto tag) {
+    using T = decltype(tag);
+    at::Tensor sorted;
+    RowParams<T> p = row_params<T>(x, targets, positives, mask_zero, sorted);
+    p.loss = loss.data_ptr<float>();
+    p.lse_neg = lse_neg.data_ptr<float>();
+    p.lse_pos = lse_pos.data_ptr<float>();
+    if (p.C <= kShortRow) launch_rows<32, 128>(mlce_forward_kernel<T, 32, 128>, p);
+    else launch_rows<256, 256>(mlce_forward_kernel<T, 256, 256>, p);
+  });
+  return {loss, lse_neg, lse_pos};
+}
+
+at::Tensor mlce_backward_cuda(const at::Tensor& dloss, const at::Tensor& x, const std::optional<at::Tensor>& targets,
+                              const std::optional<at::Tensor>& positives, bool mask_zero, const at::Tensor& lse_neg,
+                              const at::Tensor& lse_pos) {
+  const char* op = "multilabel_categorical_crossentropy_backward";
+  check_mlce(op, x, targets, positives);
+  check_row_vector(op, dloss, "dloss", x);
+  check_row_vector(op, lse_neg, "lse_neg", x);
+  check_row_vector(op, lse_pos, "lse_pos", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto dx = at::empty_like(x);
+  if (x.numel() == 0) return dx;
+  dispatch(x, [&](auto tag) {
+    using T = decltype(tag);
+    at::Tensor sorted;
+    RowParams<T> p = row_params<T>(x, targets, positives, mask_zero, sorted);
+    p.dloss = dloss.const_data_ptr<float>();
+    p.lneg = lse_neg.const_data_ptr<float>();
+    p.lpos = lse_pos.const_data_ptr<float>();
+    p.dl_s = dloss.stride(0), p.ln_s = lse_neg.stride(0), p.lp_s = lse_pos.stride(0);
+    p.dx = reinterpret_cast<T*>(dx.data_ptr());
+    if (p.C <= kShortRow) launch_rows<32, 128>(mlce_backward_kernel<T, 32, 128>, p);
+    else launch_rows<256, 256>(mlce_backward_kernel<T, 256, 256>, p);
+  });
+  return dx;
+}
+
 }  // namespace
 }  // namespace kxops
 
 TORCH_LIBRARY_IMPL(kxops, CUDA, m) {
   m.impl("global_pointer_loss", &kxops::global_pointer_loss_cuda);
   m.impl("global_pointer_loss_backward", &kxops::global_pointer_loss_backward_cuda);
+  m.impl("global_pointer", &kxops::global_pointer_cuda);
+  m.impl("global_pointer_backward", &kxops::global_pointer_backward_cuda);
+  m.impl("global_pointer_decode", &kxops::global_pointer_decode_cuda);
+  m.impl("multilabel_categorical_crossentropy", &kxops::mlce_cuda);
+  m.impl("multilabel_categorical_crossentropy_backward", &kxops::mlce_backward_cuda);
 }
