@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import kxops  # noqa: E402,F401  (the package's triton_kernels)
+from kxops.triton_kernels import global_pointer as gp  # noqa: E402
 from kxops.triton_kernels import linear_attention as la  # noqa: E402
 from kxops.triton_kernels import rope  # noqa: E402
 
@@ -105,7 +106,30 @@ def _rope():
                          interleaved, False, False)
 
 
-FAMILIES = {"linear_attention": _linear_attention, "rope": _rope}
+def _global_pointer():
+    B, L = 2, 128
+    for dtype, Hq, H, d, rope_on, dense, start, end, masked, tril in [
+            (torch.float32, 1, 3, 64, True, False, True, True, True, True),      # Efficient GP: shared q/k, biases
+            (torch.bfloat16, 4, 4, 128, True, True, False, False, True, True),   # GP, dense labels
+            (torch.float16, 2, 2, 256, False, False, True, False, False, False),  # the largest head, no RoPE
+            (torch.bfloat16, 1, 2, 6, True, True, False, True, True, False),     # d/2 padded to 16
+            (torch.float32, 2, 2, 128, False, False, False, False, False, True)]:
+        x = torch.randn(B, L, Hq, 2 * d).to(dtype)
+        q, k = x[..., :d], x[..., d:]  # strided q / k
+        mask = torch.ones(B, L, dtype=torch.bool) if masked else None
+        sb = torch.randn(B, H, L) if start else None
+        eb = torch.randn(B, H, L) if end else None
+        inv = (1.0 / 10000 ** (torch.arange(0, d, 2) / d)).float() if rope_on else None
+        if dense:
+            labels = (None, None, torch.rand(B, H, L, L))
+        else:
+            labels = (torch.arange(B * H + 1, dtype=torch.int32) * 2, torch.arange(2 * B * H, dtype=torch.int32), None)
+        args = (q, k, mask, sb, eb, inv, H, d ** -0.5, tril, *labels)
+        gp.loss_forward(*args)
+        gp.loss_backward(torch.randn(B, H), *args, torch.zeros(B, H), torch.zeros(B, H))
+
+
+FAMILIES = {"linear_attention": _linear_attention, "rope": _rope, "global_pointer": _global_pointer}
 
 
 def main(argv=None) -> int:

@@ -158,17 +158,18 @@ struct Problem {
 // One online log-sum-exp: log(l) + m over the terms w e^x folded in, starting from the threshold class.
 struct Lse {
   double m = 0.0, l = 1.0;
-  // fold in the terms w[c] e^(sign * x[c]) of x finite, w > 0
+  // fold in the terms w[c] e^(sign * x[c]) of x finite (-inf: masked; +inf, NaN: excluded too, as the
+  // reference's isfinite), w > 0
   void add(const double* x, const double* t, int64_t n, bool pos) {
     double mx = m;
     for (int64_t c = 0; c < n; ++c) {
       const double w = pos ? t[c] : 1.0 - t[c];
-      if (w > 0 && x[c] != kNegInf) mx = std::max(mx, pos ? -x[c] : x[c]);
+      if (w > 0 && std::isfinite(x[c])) mx = std::max(mx, pos ? -x[c] : x[c]);
     }
     double sum = l * std::exp(m - mx);
     for (int64_t c = 0; c < n; ++c) {
       const double w = pos ? t[c] : 1.0 - t[c];
-      if (w > 0 && x[c] != kNegInf) sum += w * std::exp((pos ? -x[c] : x[c]) - mx);
+      if (w > 0 && std::isfinite(x[c])) sum += w * std::exp((pos ? -x[c] : x[c]) - mx);
     }
     m = mx, l = sum;
   }
@@ -371,7 +372,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> global_pointer_loss_backward(
                          if (gr == 0.0) return false;
                          for (int64_t x = 0; x < m * n; ++x) {  // ds, in place
                            const double sv = S[x], t = T[x];
-                           S[x] = sv == kNegInf ? 0.0
+                           S[x] = !std::isfinite(sv) ? 0.0
                                                 : gr * ((t < 1 ? (1.0 - t) * std::exp(sv - a) : 0.0) -
                                                         (t > 0 ? t * std::exp(-sv - z) : 0.0));
                          }
@@ -576,7 +577,7 @@ Tensor multilabel_categorical_crossentropy_backward(const Tensor& dloss, const T
           const double gr = gp[r], a = anp[r], z = app[r];
           for (int64_t c = 0; c < C; ++c) {
             const double sv = s[c], tv = t[c];
-            const double v = sv == kNegInf ? 0.0
+            const double v = !std::isfinite(sv) ? 0.0
                                            : gr * ((tv < 1 ? (1.0 - tv) * std::exp(sv - a) : 0.0) -
                                                    (tv > 0 ? tv * std::exp(-sv - z) : 0.0));
             dxp[r * C + c] = static_cast<x_t>(v);
