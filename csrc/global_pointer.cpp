@@ -60,6 +60,8 @@ front::Op<MlceSig> kMlce{"kxops::multilabel_categorical_crossentropy"},
     kMlceTriton{"kxops::multilabel_categorical_crossentropy_triton"},
     kMlceRef{"kxops::multilabel_categorical_crossentropy_reference"};
 front::Op<MlceBwdSig> kMlceBwd{"kxops::multilabel_categorical_crossentropy_backward"};
+constexpr front::FamilyOps kLogitsOps{"kxops::global_pointer", "kxops::global_pointer_triton"};
+constexpr front::FamilyOps kDecodeOps{"kxops::global_pointer_decode", "kxops::global_pointer_decode_triton"};
 constexpr front::FamilyOps kMlceOps{"kxops::multilabel_categorical_crossentropy",
                                     "kxops::multilabel_categorical_crossentropy_triton"};
 
@@ -145,9 +147,10 @@ struct Prepared {
   Backend backend;
 };
 
-Prepared prepare(const char* op, const Tensor& q, const Tensor& k, const optional<Tensor>& mask, bool rope,
-                 double base, bool tril, optional<double> scale, const optional<Tensor>& start_bias,
-                 const optional<Tensor>& end_bias, std::string_view backend_name) {
+Prepared prepare(const char* op, const front::FamilyOps& ops, const Tensor& q, const Tensor& k,
+                 const optional<Tensor>& mask, bool rope, double base, bool tril, optional<double> scale,
+                 const optional<Tensor>& start_bias, const optional<Tensor>& end_bias,
+                 std::string_view backend_name) {
   front::check_float(op, "q", q);
   front::check_float(op, "k", k);
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be (batch, L, types or 1, head_size), got shape ",
@@ -160,7 +163,7 @@ Prepared prepare(const char* op, const Tensor& q, const Tensor& k, const optiona
   const int64_t B = q.size(0), L = q.size(1), Hq = q.size(2), d = q.size(3);
   TORCH_CHECK_VALUE(d >= 1 && d <= kMaxHeadDim, op, ": head_size must be in [1, ", kMaxHeadDim, "], got ", d);
   Prepared p;
-  p.backend = front::resolve_backend(op, backend_name, q, kOps);
+  p.backend = front::resolve_backend(op, backend_name, q, ops);
   const bool on_device = front::traced(q) || front::capturing(q);
   Normalised& n = p.n;
   n.tril = tril;
@@ -199,7 +202,7 @@ void check_reduction(const char* op, std::string_view reduction) {
 Tensor run(const Tensor& q, const Tensor& k, const Tensor& labels, const optional<Tensor>& mask, bool rope,
            double base, bool tril, optional<double> scale, const optional<Tensor>& start_bias,
            const optional<Tensor>& end_bias, std::string_view reduction, std::string_view backend_name) {
-  Prepared p = prepare(kOp, q, k, mask, rope, base, tril, scale, start_bias, end_bias, backend_name);
+  Prepared p = prepare(kOp, kOps, q, k, mask, rope, base, tril, scale, start_bias, end_bias, backend_name);
   check_reduction(kOp, reduction);
   const int64_t B = q.size(0), L = q.size(1);
   Normalised& n = p.n;
@@ -224,7 +227,7 @@ Tensor run(const Tensor& q, const Tensor& k, const Tensor& labels, const optiona
 Tensor global_pointer_front(const Tensor& q, const Tensor& k, const optional<Tensor>& mask, bool rope, double base,
                             bool tril, optional<double> scale, const optional<Tensor>& start_bias,
                             const optional<Tensor>& end_bias, c10::string_view backend) {
-  Prepared p = prepare("global_pointer", q, k, mask, rope, base, tril, scale, start_bias, end_bias,
+  Prepared p = prepare("global_pointer", kLogitsOps, q, k, mask, rope, base, tril, scale, start_bias, end_bias,
                        std::string_view(backend.data(), backend.size()));
   const Normalised& n = p.n;
   auto& op = p.backend == Backend::Triton ? kLogitsTriton : (p.backend == Backend::Reference ? kLogitsRef : kLogits);
@@ -235,7 +238,7 @@ std::tuple<Tensor, Tensor> global_pointer_decode_front(const Tensor& q, const Te
                                                        double threshold, bool rope, double base, bool tril,
                                                        optional<double> scale, const optional<Tensor>& start_bias,
                                                        const optional<Tensor>& end_bias, c10::string_view backend) {
-  Prepared p = prepare("global_pointer_decode", q, k, mask, rope, base, tril, scale, start_bias, end_bias,
+  Prepared p = prepare("global_pointer_decode", kDecodeOps, q, k, mask, rope, base, tril, scale, start_bias, end_bias,
                        std::string_view(backend.data(), backend.size()));
   const Normalised& n = p.n;
   auto& op = p.backend == Backend::Triton ? kDecodeTriton : (p.backend == Backend::Reference ? kDecodeRef : kDecode);

@@ -75,21 +75,29 @@ _dispatch.implement_reference("kxops::global_pointer_reference", _ref.logits_ref
 _dispatch.implement_reference("kxops::global_pointer_decode_reference", _ref.decode_ref)
 _dispatch.implement_reference("kxops::multilabel_categorical_crossentropy_reference", _ref.mlce_ref)
 
-TRITON_KERNELS = _dispatch.TRITON_IMPORTABLE and importlib.util.find_spec(
-    "kxops.triton_kernels.global_pointer") is not None
+_TRITON_MODULE = ("kxops.triton_kernels.global_pointer" if _dispatch.TRITON_IMPORTABLE and importlib.util.find_spec(
+    "kxops.triton_kernels.global_pointer") is not None else None)
+_tgp = importlib.import_module(_TRITON_MODULE) if _TRITON_MODULE else None
 
-if TRITON_KERNELS:
+
+def triton_kernels(*launchers: str) -> bool:
+    """Whether the Triton module of the family has these launchers (the ops registered from them)."""
+    return _tgp is not None and all(hasattr(_tgp, n) for n in launchers)
+
+
+TRITON_KERNELS = triton_kernels("loss_forward", "loss_backward")  # the span loss
+
+if _tgp is not None:
     from torch.library import triton_op as _triton_op
 
-    from .triton_kernels.global_pointer import loss_backward as _triton_bwd
-    from .triton_kernels.global_pointer import loss_forward as _triton_fwd
-
+if TRITON_KERNELS:
     @_triton_op("kxops::global_pointer_loss_triton", mutates_args=())
     def _global_pointer_loss_triton(q: Tensor, k: Tensor, mask: Optional[Tensor], start_bias: Optional[Tensor],
                                     end_bias: Optional[Tensor], inv_freq: Optional[Tensor], H: int, scale: float,
                                     tril: bool, pos_offsets: Optional[Tensor], pos_index: Optional[Tensor],
                                     targets: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        return _triton_fwd(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril, pos_offsets, pos_index, targets)
+        return _tgp.loss_forward(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril, pos_offsets, pos_index,
+                                 targets)
 
     @_triton_op("kxops::global_pointer_loss_backward_triton", mutates_args=())
     def _global_pointer_loss_backward_triton(dloss: Tensor, q: Tensor, k: Tensor, mask: Optional[Tensor],
@@ -98,10 +106,10 @@ if TRITON_KERNELS:
                                              pos_offsets: Optional[Tensor], pos_index: Optional[Tensor],
                                              targets: Optional[Tensor], lse_neg: Tensor,
                                              lse_pos: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return _triton_bwd(dloss, q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril, pos_offsets, pos_index,
-                           targets, lse_neg, lse_pos)
+        return _tgp.loss_backward(dloss, q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril, pos_offsets,
+                                  pos_index, targets, lse_neg, lse_pos)
 
-    def _triton_grads(inputs, outputs, dloss, *_):
+    def _loss_grads(inputs, outputs, dloss, *_):
         """Autograd of kxops::global_pointer_loss_triton: its backward op (the C++ ops' formula,
         GlobalPointerLossFn in csrc/global_pointer.cpp)."""
         if dloss is None:
@@ -110,9 +118,67 @@ if TRITON_KERNELS:
                                                                              outputs[2])
         return (dq, dk, None, ds if inputs[3] is not None else None, de if inputs[4] is not None else None)
 
-    _dispatch.register_triton_autograd("kxops::global_pointer_loss_triton", _triton_grads, with_outputs=True)
-    _dispatch.register_eager_cuda({"kxops::global_pointer_loss_triton": _triton_fwd,
-                                   "kxops::global_pointer_loss_backward_triton": _triton_bwd})
+    _dispatch.register_triton_autograd("kxops::global_pointer_loss_triton", _loss_grads, with_outputs=True)
+    _dispatch.register_eager_cuda({"kxops::global_pointer_loss_triton": _tgp.loss_forward,
+                                   "kxops::global_pointer_loss_backward_triton": _tgp.loss_backward})
+
+if triton_kernels("logits_forward", "logits_backward"):
+    @_triton_op("kxops::global_pointer_triton", mutates_args=())
+    def _global_pointer_triton(q: Tensor, k: Tensor, mask: Optional[Tensor], start_bias: Optional[Tensor],
+                               end_bias: Optional[Tensor], inv_freq: Optional[Tensor], H: int, scale: float,
+                               tril: bool) -> Tensor:
+        return _tgp.logits_forward(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril)
+
+    @_triton_op("kxops::global_pointer_backward_triton", mutates_args=())
+    def _global_pointer_backward_triton(dlogits: Tensor, q: Tensor, k: Tensor, mask: Optional[Tensor],
+                                        start_bias: Optional[Tensor], end_bias: Optional[Tensor],
+                                        inv_freq: Optional[Tensor], H: int, scale: float,
+                                        tril: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return _tgp.logits_backward(dlogits, q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril)
+
+    def _logits_grads(inputs, dlogits):
+        if dlogits is None:
+            return (None,) * 5
+        dq, dk, ds, de = torch.ops.kxops.global_pointer_backward_triton(dlogits.contiguous(), *inputs)
+        return (dq, dk, None, ds if inputs[3] is not None else None, de if inputs[4] is not None else None)
+
+    _dispatch.register_triton_autograd("kxops::global_pointer_triton", _logits_grads)
+    _dispatch.register_eager_cuda({"kxops::global_pointer_triton": _tgp.logits_forward,
+                                   "kxops::global_pointer_backward_triton": _tgp.logits_backward})
+
+if triton_kernels("decode"):
+    # Not a triton_op: its output size depends on the data (it reads a count back), which triton_op's
+    # tracing cannot express; a custom op with the dynamic-size fake instead.
+    @torch.library.custom_op("kxops::global_pointer_decode_triton", mutates_args=())
+    def _global_pointer_decode_triton(q: Tensor, k: Tensor, mask: Optional[Tensor], start_bias: Optional[Tensor],
+                                      end_bias: Optional[Tensor], inv_freq: Optional[Tensor], H: int, scale: float,
+                                      tril: bool, threshold: float) -> tuple[Tensor, Tensor]:
+        return _tgp.decode(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril, threshold, traceable=False)
+
+    torch.library.register_fake("kxops::global_pointer_decode_triton", _fake_decode)
+
+if triton_kernels("mlce_forward", "mlce_backward"):
+    @_triton_op("kxops::multilabel_categorical_crossentropy_triton", mutates_args=())
+    def _mlce_triton(x: Tensor, targets: Optional[Tensor], positives: Optional[Tensor],
+                     mask_zero: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return _tgp.mlce_forward(x, targets, positives, mask_zero)
+
+    @_triton_op("kxops::multilabel_categorical_crossentropy_backward_triton", mutates_args=())
+    def _mlce_backward_triton(dloss: Tensor, x: Tensor, targets: Optional[Tensor], positives: Optional[Tensor],
+                              mask_zero: bool, lse_neg: Tensor, lse_pos: Tensor) -> Tensor:
+        return _tgp.mlce_backward(dloss, x, targets, positives, mask_zero, lse_neg, lse_pos)
+
+    def _mlce_grads(inputs, outputs, dloss, *_):
+        if dloss is None:
+            return (None,)
+        return (torch.ops.kxops.multilabel_categorical_crossentropy_backward_triton(dloss.contiguous(), *inputs,
+                                                                                    outputs[1], outputs[2]),)
+
+    _dispatch.register_triton_autograd("kxops::multilabel_categorical_crossentropy_triton", _mlce_grads,
+                                       with_outputs=True)
+    _dispatch.register_eager_cuda({"kxops::multilabel_categorical_crossentropy_triton": _tgp.mlce_forward,
+                                   "kxops::multilabel_categorical_crossentropy_backward_triton":
+                                       _tgp.mlce_backward})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,12 +8,24 @@ import torch
 
 import kxops
 from kxops.reference import global_pointer as gp
-from testing import (BACKENDS, DTYPE_IDS, assert_close_to_ref, assert_raises_with, bad_input_params, compiled,
+from testing import (BACKENDS, DTYPE_IDS, INTERPRETING, backends_where, assert_close_to_ref, assert_raises_with, bad_input_params, compiled,
                      opcheck)
 
 GPL = kxops.global_pointer_loss
-GP_BACKENDS = [(b, d) for b, d in BACKENDS if b != "triton" or importlib.import_module("kxops.global_pointer").TRITON_KERNELS]
-GP_IDS = [f"{b}-{d}" for b, d in GP_BACKENDS]
+_GPM = importlib.import_module("kxops.global_pointer")
+
+
+def _backends(*launchers):
+    """pytest parameters over the (backend, device) pairs here whose kernels exist for an op: Triton's
+    when the family's Triton module has its launchers."""
+    pairs = [(b, d) for b, d in BACKENDS if b != "triton" or _GPM.triton_kernels(*launchers)]
+    return dict(argnames="backend,device", argvalues=pairs, ids=[f"{b}-{d}" for b, d in pairs])
+
+
+LOSS = _backends("loss_forward", "loss_backward")
+LOGITS = _backends("logits_forward", "logits_backward")
+DECODE = _backends("decode", "logits_forward")
+ROWS = _backends("mlce_forward", "mlce_backward")
 
 
 def _spans(B, H, L, n, gen, tril=True):
@@ -79,7 +91,7 @@ def _loss_and_grads(q, k, labels, mask, kw, backend, gout, dtype=None):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+@pytest.mark.parametrize(**LOSS)
 def test_loss_and_gradients_match_reference(backend, device, dtype, case):
     q, k, labels, mask, kw = _case(case, dtype, device)
     B, H = q.shape[0], kw["start_bias"].shape[1] if "start_bias" in kw else q.shape[2]
@@ -92,7 +104,7 @@ def test_loss_and_gradients_match_reference(backend, device, dtype, case):
         assert_close_to_ref(o, r64, rlp, names[i])
 
 
-@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+@pytest.mark.parametrize(**LOSS)
 def test_sparse_and_dense_labels_agree(backend, device):
     q, k, spans, mask, kw = _case("efficient-biases", torch.float32, device)
     B, H, L = q.shape[0], kw["start_bias"].shape[1], q.shape[1]
@@ -104,7 +116,7 @@ def test_sparse_and_dense_labels_agree(backend, device):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+@pytest.mark.parametrize(**LOSS)
 def test_reductions(backend, device):
     q, k, spans, mask, kw = _case("B2-L7-H3-d6-sparse", torch.float32, device)
     rows = GPL(q, k, spans, mask, reduction="none", backend=backend)
@@ -132,10 +144,24 @@ def test_opcheck_cpu_kernel():
     opcheck(torch.ops.kxops.global_pointer_loss.default, args)
 
 
-def test_compile_fullgraph_cpu():
-    q, k, spans, mask, kw = _case("B2-L7-H3-d6-sparse", torch.float32, "cpu")
-    fn = compiled("global_pointer_loss", lambda q, k, s, m: GPL(q, k, s, m, backend="cpu"))
-    torch.testing.assert_close(fn(q, k, spans, mask), GPL(q, k, spans, mask, backend="cpu"))
+@pytest.mark.parametrize(**backends_where(lambda b, d: not (b == "triton" and (INTERPRETING or not _GPM.triton_kernels(
+    "loss_forward", "loss_backward", "logits_forward", "logits_backward")))))
+def test_compile_fullgraph(backend, device):
+    """The loss and the logits under torch.compile(fullgraph=True), forward and backward (Triton where it is
+    compiled, not interpreted: on a GPU)."""
+    q, k, spans, mask, kw = _case("efficient-biases", torch.float32, device)
+    fn = compiled(f"global_pointer-{backend}", lambda q, k, s, m, sb, eb: (
+        GPL(q, k, s, m, start_bias=sb, end_bias=eb, backend=backend),
+        kxops.global_pointer(q, k, m, start_bias=sb, end_bias=eb, backend=backend).clamp_min(-1e4).sum()))
+    qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+    a, b = fn(qq, kk, spans, mask, kw["start_bias"], kw["end_bias"])
+    ga = torch.autograd.grad(a + b, (qq, kk))
+    qe, ke = q.clone().requires_grad_(), k.clone().requires_grad_()
+    a2 = GPL(qe, ke, spans, mask, backend=backend, **kw)
+    b2 = kxops.global_pointer(qe, ke, mask, backend=backend, **kw).clamp_min(-1e4).sum()
+    gb = torch.autograd.grad(a2 + b2, (qe, ke))
+    torch.testing.assert_close((a, b), (a2, b2))
+    torch.testing.assert_close(ga, gb)
 
 
 def _bad(name):
@@ -205,7 +231,7 @@ def _logits_and_grads(q, k, mask, kw, backend, gout, dtype=None):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+@pytest.mark.parametrize(**LOGITS)
 def test_logits_and_gradients_match_reference(backend, device, dtype, case):
     q, k, _, mask, kw = _case(case, dtype, device)
     B, L = q.shape[0], q.shape[1]
@@ -224,7 +250,7 @@ def test_logits_and_gradients_match_reference(backend, device, dtype, case):
 
 @pytest.mark.parametrize("case", ["B2-L7-H3-d6-sparse", "types1-mask-padding-row", "efficient-biases",
                                   "dense-soft-no-tril"])
-@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+@pytest.mark.parametrize(**DECODE)
 def test_decode_returns_the_spans_above_threshold(backend, device, case):
     q, k, _, mask, kw = _case(case, torch.float32, device)
     for thr in (0.0, 0.7):
@@ -261,7 +287,7 @@ def _rows(dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+@pytest.mark.parametrize(**ROWS)
 def test_row_loss_matches_reference(backend, device, dtype):
     x, t = _rows(dtype, device)
     gout = torch.randn(6, generator=torch.Generator().manual_seed(4)).to(device)
@@ -279,7 +305,7 @@ def test_row_loss_matches_reference(backend, device, dtype):
 
 
 @pytest.mark.parametrize("mask_zero", [False, True])
-@pytest.mark.parametrize("backend,device", GP_BACKENDS, ids=GP_IDS)
+@pytest.mark.parametrize(**ROWS)
 def test_sparse_row_loss_equals_dense(backend, device, mask_zero):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 11, generator=g).to(device)
