@@ -8,7 +8,7 @@ import torch
 
 import kxops
 from kxops.reference import global_pointer as gp
-from testing import (BACKENDS, DTYPE_IDS, INTERPRETING, backends_where, assert_close_to_ref, assert_raises_with, bad_input_params, compiled,
+from testing import (BACKENDS, DTYPE_IDS, INTERPRETING, backends_where, called_ops, fake_cuda, stand_in_cuda_kernels, assert_close_to_ref, assert_raises_with, bad_input_params, compiled,
                      opcheck)
 
 GPL = kxops.global_pointer_loss
@@ -162,6 +162,33 @@ def test_compile_fullgraph(backend, device):
     gb = torch.autograd.grad(a2 + b2, (qe, ke))
     torch.testing.assert_close((a, b), (a2, b2))
     torch.testing.assert_close(ga, gb)
+
+
+_CPP_OPS = ("kxops::global_pointer_loss", "kxops::global_pointer_loss_backward", "kxops::global_pointer",
+            "kxops::global_pointer_backward")
+
+
+class _GP(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, q, k, spans, mask):
+        return GPL(q, k, spans, mask, backend=self.backend), kxops.global_pointer(q, k, mask, backend=self.backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
+def test_export_fullgraph_on_cuda_tensors(backend):
+    """Strict export (Dynamo, fullgraph) over fake CUDA tensors: the GPU's backend choice, sparse-label
+    normalisation and fake kernels trace without a graph break, here without a GPU."""
+    q, k, spans, mask = fake_cuda(((2, 9, 3, 8), torch.bfloat16), ((2, 9, 3, 8), torch.bfloat16),
+                                  ((4, 4), torch.int64), ((2, 9), torch.bool))
+    with stand_in_cuda_kernels(_CPP_OPS):
+        ep = torch.export.export(_GP(backend), (q, k, spans, mask), strict=True)
+        assert any("global_pointer_loss_front" in t for t in called_ops(ep.graph))
+        ep = ep.run_decompositions()
+    targets = called_ops(ep.graph)
+    assert "kxops.global_pointer_loss.default" in targets and "kxops.global_pointer.default" in targets, targets
 
 
 def _bad(name):
