@@ -127,6 +127,22 @@ def _global_pointer():
         args = (q, k, mask, sb, eb, inv, H, d ** -0.5, tril, *labels)
         gp.loss_forward(*args)
         gp.loss_backward(torch.randn(B, H), *args, torch.zeros(B, H), torch.zeros(B, H))
+        # the span logits and decoding: the same kernels in their scores modes
+        score_args = args[:9]
+        gp.logits_forward(*score_args)
+        gp.logits_backward(torch.randn(B, H, L, L), *score_args)
+        gp.decode(*score_args, 0.0)  # records the count pass (nothing runs: no hit, so no write pass)
+        n = 8
+        gp._launch_scores(gp._Args(*score_args, labels=False), "write", torch.empty(n), torch.zeros(B * H * L,
+                          dtype=torch.int64), torch.empty(n, 4, dtype=torch.int64), 0.0, True, n)
+    # the row losses: dense / sparse labels, mask_zero
+    R = 64
+    for dtype, C, P, dense, mask_zero in [(torch.float32, 1000, 0, True, False), (torch.bfloat16, 300, 7, False, True),
+                                          (torch.float16, 50, 3, False, False)]:
+        x = torch.randn(R, C).to(dtype)
+        labels = (torch.rand(R, C), None) if dense else (None, torch.randint(0, C, (R, P)))
+        gp.mlce_forward(x, *labels, mask_zero)
+        gp.mlce_backward(torch.randn(R), x, *labels, mask_zero, torch.zeros(R), torch.zeros(R))
 
 
 FAMILIES = {"linear_attention": _linear_attention, "rope": _rope, "global_pointer": _global_pointer}
