@@ -38,6 +38,7 @@ using std::optional;
 
 constexpr int64_t kTile = 32;  // starts i per score tile
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+#define KX_EXP_INLINE inline __attribute__((always_inline))
 
 // Matrix products on the work item's own buffers (ATen's BLAS through tensors over them: the library's
 // gemm symbols are not exported). Row-major, leading dimensions given; run inside a parallel region
@@ -156,10 +157,18 @@ struct Problem {
 };
 
 // One online log-sum-exp: log(l) + m over the terms w e^x folded in, starting from the threshold class.
+// e^x with the exponential of the state dtype: float's for float32 states (the reference's own precision,
+// about 3x faster than double's here), double's for float64.
+template <typename E>
+KX_EXP_INLINE double exp_as(double x) {
+  return static_cast<double>(std::exp(static_cast<E>(x)));
+}
+
 struct Lse {
   double m = 0.0, l = 1.0;
   // fold in the terms w[c] e^(sign * x[c]) of x finite (-inf: masked; +inf, NaN: excluded too, as the
-  // reference's isfinite), w > 0
+  // reference's isfinite), w > 0; E: the type the exponentials are taken in (the sum is in double)
+  template <typename E>
   void add(const double* x, const double* t, int64_t n, bool pos) {
     double mx = m;
     for (int64_t c = 0; c < n; ++c) {
@@ -169,7 +178,7 @@ struct Lse {
     double sum = l * std::exp(m - mx);
     for (int64_t c = 0; c < n; ++c) {
       const double w = pos ? t[c] : 1.0 - t[c];
-      if (w > 0 && std::isfinite(x[c])) sum += w * std::exp((pos ? -x[c] : x[c]) - mx);
+      if (w > 0 && std::isfinite(x[c])) sum += w * exp_as<E>((pos ? -x[c] : x[c]) - mx);
     }
     m = mx, l = sum;
   }
@@ -233,8 +242,8 @@ std::tuple<Tensor, Tensor, Tensor> global_pointer_loss(const Tensor& q, const Te
         for (int64_t i0 = 0; i0 < L; i0 += kTile) {
           const int64_t m = std::min(kTile, L - i0), j0 = tril ? i0 : 0, n = L - j0;
           p.tile(b, h, i0, m, j0, sbuf.data(), tbuf.data(), ptr);
-          neg.add(sbuf.data(), tbuf.data(), m * n, false);
-          pos.add(sbuf.data(), tbuf.data(), m * n, true);
+          neg.add<scalar_t>(sbuf.data(), tbuf.data(), m * n, false);
+          pos.add<scalar_t>(sbuf.data(), tbuf.data(), m * n, true);
         }
         const double a = neg.value(), z = pos.value();
         ln[r] = static_cast<scalar_t>(a);
@@ -366,16 +375,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> global_pointer_loss_backward(
   const double* gp = g.const_data_ptr<double>();
   const double* anp = an.const_data_ptr<double>();
   const double* app = ap.const_data_ptr<double>();
+  const bool f32 = q.scalar_type() != at::kDouble;
   return backward_core(q, k, mask, start_bias, end_bias, inv_freq, H, scale, tril, pos_offsets, pos_index, targets,
                        true, [&](int64_t r, int64_t, int64_t m, int64_t, int64_t n, double* S, const double* T) {
                          const double gr = gp[r], a = anp[r], z = app[r];
                          if (gr == 0.0) return false;
-                         for (int64_t x = 0; x < m * n; ++x) {  // ds, in place
-                           const double sv = S[x], t = T[x];
-                           S[x] = !std::isfinite(sv) ? 0.0
-                                                : gr * ((t < 1 ? (1.0 - t) * std::exp(sv - a) : 0.0) -
-                                                        (t > 0 ? t * std::exp(-sv - z) : 0.0));
-                         }
+                         auto ds = [&](auto e) {
+                           using E = decltype(e);
+                           for (int64_t x = 0; x < m * n; ++x) {  // ds, in place
+                             const double sv = S[x], t = T[x];
+                             S[x] = !std::isfinite(sv) ? 0.0
+                                                       : gr * ((t < 1 ? (1.0 - t) * exp_as<E>(sv - a) : 0.0) -
+                                                               (t > 0 ? t * exp_as<E>(-sv - z) : 0.0));
+                           }
+                         };
+                         if (f32) ds(float{}); else ds(double{});
                          return true;
                        });
 }
@@ -541,8 +555,8 @@ std::tuple<Tensor, Tensor, Tensor> multilabel_categorical_crossentropy(const Ten
           row_scores(r, C, xp, mask_zero && pp, s.data());
           row_labels(r, C, tp, pp, P, mask_zero, t.data());
           Lse neg, pos;
-          neg.add(s.data(), t.data(), C, false);
-          pos.add(s.data(), t.data(), C, true);
+          neg.add<scalar_t>(s.data(), t.data(), C, false);
+          pos.add<scalar_t>(s.data(), t.data(), C, true);
           const double a = neg.value(), z = pos.value();
           lnp[r] = static_cast<scalar_t>(a), lpp[r] = static_cast<scalar_t>(z), lo[r] = static_cast<scalar_t>(a + z);
         }
@@ -578,8 +592,8 @@ Tensor multilabel_categorical_crossentropy_backward(const Tensor& dloss, const T
           for (int64_t c = 0; c < C; ++c) {
             const double sv = s[c], tv = t[c];
             const double v = !std::isfinite(sv) ? 0.0
-                                           : gr * ((tv < 1 ? (1.0 - tv) * std::exp(sv - a) : 0.0) -
-                                                   (tv > 0 ? tv * std::exp(-sv - z) : 0.0));
+                                                : gr * ((tv < 1 ? (1.0 - tv) * exp_as<scalar_t>(sv - a) : 0.0) -
+                                                        (tv > 0 ? tv * exp_as<scalar_t>(-sv - z) : 0.0));
             dxp[r * C + c] = static_cast<x_t>(v);
           }
         }
