@@ -74,16 +74,22 @@ CASES = ["B2-L7-H3-d6-sparse", "L1", "types1-mask-padding-row", "dense-soft-no-t
          "no-rope-scale-L19", "strided-qk-duplicates"]
 
 
-def _loss_and_grads(q, k, labels, mask, kw, backend, gout, dtype=None):
-    """Per-row losses (B, H) and the gradients of q, k and the biases for the per-row weights gout."""
-    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype) if t.is_floating_point() else t)
-    leaves = [cast(q).detach().requires_grad_(), cast(k).detach().requires_grad_()]
-    kw = dict(kw)
+def _leaves(q, k, kw, dtype=None):
+    """Fresh leaves of q, k and the biases (in `dtype` when given), and the options holding the biases'."""
+    def leaf(t):
+        return (t if dtype is None else t.to(dtype)).detach().requires_grad_()
+    leaves, kw = [leaf(q), leaf(k)], dict(kw)
     for b in ("start_bias", "end_bias"):
         if b in kw:
-            kw[b] = cast(kw[b]).detach().requires_grad_()
+            kw[b] = leaf(kw[b])
             leaves.append(kw[b])
-    lab = cast(labels) if labels.is_floating_point() else labels
+    return leaves, kw
+
+
+def _loss_and_grads(q, k, labels, mask, kw, backend, gout, dtype=None):
+    """Per-row losses (B, H) and the gradients of q, k and the biases for the per-row weights gout."""
+    leaves, kw = _leaves(q, k, kw, dtype)
+    lab = labels.to(dtype) if dtype is not None and labels.is_floating_point() else labels
     loss = GPL(*leaves[:2], lab, mask, reduction="none", backend=backend, **kw)
     gs = torch.autograd.grad(loss, leaves, gout.to(loss.dtype))
     return (loss, *gs)
@@ -243,13 +249,8 @@ def test_labels_on_another_device_is_an_error():
 # The logits, decoding, the row losses and the modules.
 
 def _logits_and_grads(q, k, mask, kw, backend, gout, dtype=None):
-    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-    leaves = [cast(q).detach().requires_grad_(), cast(k).detach().requires_grad_()]
-    kw = dict(kw)
-    for b in ("start_bias", "end_bias"):
-        if b in kw:
-            kw[b] = cast(kw[b]).detach().requires_grad_()
-            leaves.append(kw[b])
+    """Logits and the gradients of q, k and the biases for the upstream gradient gout on valid spans."""
+    leaves, kw = _leaves(q, k, kw, dtype)
     out = kxops.global_pointer(*leaves[:2], mask, backend=backend, **kw)
     g = torch.where(torch.isfinite(out), gout.to(out.dtype), torch.zeros((), dtype=out.dtype, device=out.device))
     gs = torch.autograd.grad(out, leaves, g)

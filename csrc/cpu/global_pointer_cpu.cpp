@@ -102,6 +102,20 @@ Tensor rotated(const Tensor& x, const std::vector<double>& c, const std::vector<
   return out;
 }
 
+// What every op starts from: the angle tables and q, k rotated (q also scaled) into double (B, Hq, L, d).
+struct Rotated {
+  std::vector<double> c, s;
+  Tensor Q, K;
+
+  Rotated(const Tensor& q, const Tensor& k, const optional<Tensor>& inv_freq, double scale) {
+    if (inv_freq) angle_tables(*inv_freq, q.size(1), c, s);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kxops_global_pointer_rotate", [&] {
+      Q = rotated<scalar_t>(q, c, s, scale);
+      K = rotated<scalar_t>(k, c, s, 1.0);
+    });
+  }
+};
+
 // The inputs of one call, as raw pointers. acc_t: the state dtype (biases, targets, outputs).
 template <typename acc_t>
 struct Problem {
@@ -219,13 +233,9 @@ std::tuple<Tensor, Tensor, Tensor> global_pointer_loss(const Tensor& q, const Te
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor loss = at::empty({B, H}, q.options().dtype(acc)), lse_neg = at::empty_like(loss),
          lse_pos = at::empty_like(loss);
-  std::vector<double> c, s;
-  if (inv_freq) angle_tables(*inv_freq, L, c, s);
-  Tensor Q, K;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kxops_global_pointer_rotate", [&] {
-    Q = rotated<scalar_t>(q, c, s, scale);
-    K = rotated<scalar_t>(k, c, s, 1.0);
-  });
+  const Rotated rot(q, k, inv_freq, scale);
+  const std::vector<double>&c = rot.c, &s = rot.s;
+  const Tensor &Q = rot.Q, &K = rot.K;
   AT_DISPATCH_FLOATING_TYPES(acc, "kxops_global_pointer_loss_cpu", [&] {
     auto p = problem<scalar_t>(q, mask, start_bias, end_bias, H, tril, pos_offsets, pos_index, targets);
     p.Q = Q.const_data_ptr<double>(), p.K = K.const_data_ptr<double>();
@@ -298,13 +308,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> backward_core(const Tensor& q, const 
                                                          const optional<Tensor>& targets, bool labels, DsOf ds_of) {
   const int64_t B = q.size(0), L = q.size(1), Hq = q.size(2), d = q.size(3);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  std::vector<double> c, s;
-  if (inv_freq) angle_tables(*inv_freq, L, c, s);
-  Tensor Q, K;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kxops_global_pointer_rotate", [&] {
-    Q = rotated<scalar_t>(q, c, s, scale);
-    K = rotated<scalar_t>(k, c, s, 1.0);
-  });
+  const Rotated rot(q, k, inv_freq, scale);
+  const std::vector<double>&c = rot.c, &s = rot.s;
+  const Tensor &Q = rot.Q, &K = rot.K;
   Tensor dQ = at::zeros_like(Q), dK = at::zeros_like(K);
   const bool bias = start_bias.has_value() || end_bias.has_value();
   Tensor dstart = start_bias ? at::zeros({B, H, L}, q.options().dtype(at::kDouble)) : Tensor();
@@ -409,13 +415,9 @@ void for_each_tile(const Tensor& q, const Tensor& k, const optional<Tensor>& mas
                    bool tril, Fn fn) {
   const int64_t B = q.size(0), L = q.size(1);
   const auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  std::vector<double> c, s;
-  if (inv_freq) angle_tables(*inv_freq, L, c, s);
-  Tensor Q, K;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "kxops_global_pointer_rotate", [&] {
-    Q = rotated<scalar_t>(q, c, s, scale);
-    K = rotated<scalar_t>(k, c, s, 1.0);
-  });
+  const Rotated rot(q, k, inv_freq, scale);
+  const std::vector<double>&c = rot.c, &s = rot.s;
+  const Tensor &Q = rot.Q, &K = rot.K;
   AT_DISPATCH_FLOATING_TYPES(acc, "kxops_global_pointer_scores_cpu", [&] {
     auto p = problem<scalar_t>(q, mask, start_bias, end_bias, H, tril, std::nullopt, std::nullopt, std::nullopt);
     p.Q = Q.const_data_ptr<double>(), p.K = K.const_data_ptr<double>();
