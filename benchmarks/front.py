@@ -101,6 +101,7 @@ OP = Op(
     name="front",
     description="the shared front's per-call host cost: every family's smallest eager call vs one aten op",
     cases=cases,
+    small_cases=cases,
     make_inputs=make_inputs,
     providers=[
         Provider("reference", setup_reference, available=_available, kind="reference",
