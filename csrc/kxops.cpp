@@ -128,4 +128,21 @@ TORCH_LIBRARY(kxops, m) {
         "str reduction, str backend) -> Tensor");
   m.def("global_pointer_loss_front(Tensor q, Tensor k, Tensor labels, Tensor? mask, bool rope, float base, "
         "bool tril, float? scale, Tensor? start_bias, Tensor? end_bias, str reduction, str backend) -> Tensor");
+
+  // Sparse softmaxes (docs/sparse_softmax_kernel_contract.md): x (R, N) rows; kind 0 sparsemax, 1 entmax15,
+  // 2 alpha-entmax by bisection (3: softmax, backward only: top-k). Kernel ops (CPU, CUDA; Triton as
+  // kxops::*_triton), the references on the same arguments, and the fronts.
+  m.def("entmax(Tensor x, Tensor? alpha, int kind, int n_iter, Tensor? target, int ignore_index) -> (Tensor, Tensor)");
+  m.def("entmax_backward(Tensor dp, Tensor p, Tensor? alpha, int kind, bool alpha_grad) -> (Tensor, Tensor)");
+  m.def("topk_softmax(Tensor x, int k, Tensor? target, int ignore_index) -> (Tensor, Tensor)");
+  m.def("entmax_reference(Tensor x, Tensor? alpha, int kind, int n_iter, Tensor? target, int ignore_index) -> "
+        "(Tensor, Tensor)");
+  m.def("topk_softmax_reference(Tensor x, int k, Tensor? target, int ignore_index) -> (Tensor, Tensor)");
+  // the losses' gradient (p - onehot(target)) * dloss per row, 0 for ignored rows (every backend's autograd)
+  m.def("sparse_softmax_loss_backward(Tensor dloss, Tensor p, Tensor target, int ignore_index) -> Tensor");
+  m.def("entmax_front(Tensor x, Tensor? alpha, float alpha_value, int kind, int dim, int n_iter, str backend) -> Tensor");
+  m.def("topk_softmax_front(Tensor x, int k, int dim, str backend) -> Tensor");
+  m.def("entmax_loss_front(Tensor x, Tensor target, int kind, int ignore_index, str reduction, str backend) -> Tensor");
+  m.def("topk_softmax_cross_entropy_front(Tensor x, Tensor target, int k, int ignore_index, str reduction, "
+        "str backend) -> Tensor");
 }
