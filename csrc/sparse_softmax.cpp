@@ -100,6 +100,9 @@ Tensor entmax_front(const Tensor& x, const optional<Tensor>& alpha, double alpha
         TORCH_CHECK_VALUE(lo > 1, op, ": alpha must be > 1 (alpha = 1 is softmax), got a value of ", lo);
       }
       a = rows;
+      // alpha's gradient divides by (alpha - 1)^2: from a 16-bit p it would carry p's rounding, amplified.
+      // So the rows run in float32 here (the output is rounded to x's dtype at the end).
+      if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) r.x = r.x.to(at::kFloat);
     } else {
       TORCH_CHECK_VALUE(alpha_value > 1, op, ": alpha must be > 1 (alpha = 1 is softmax), got ", alpha_value);
       // the closed forms are exact where bisection is not: a float alpha of 2 or 1.5 runs them
@@ -109,7 +112,8 @@ Tensor entmax_front(const Tensor& x, const optional<Tensor>& alpha, double alpha
     }
   }
   auto& fn = backend == Backend::Triton ? kEntmaxTriton : (backend == Backend::Reference ? kEntmaxRef : kEntmax);
-  return from_rows(r, std::get<0>(fn.get().call(r.x, a, kind, kind == kBisect ? n_iter : 0, std::nullopt, -100)));
+  const Tensor p = std::get<0>(fn.get().call(r.x, a, kind, kind == kBisect ? n_iter : 0, std::nullopt, -100));
+  return from_rows(r, p.to(x.scalar_type()));
 }
 
 void check_k(const char* op, int64_t k, int64_t N) {

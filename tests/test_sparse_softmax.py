@@ -57,7 +57,7 @@ def _alpha(x, dim, device):
     shape = list(x.shape)
     shape[dim] = 1
     g = torch.Generator().manual_seed(7)
-    return (1.1 + 0.8 * torch.rand(shape, generator=g)).to(device)
+    return (1.1 + 0.8 * torch.rand(shape, generator=g)).to(x.dtype).to(device)  # alpha in the model's dtype
 
 
 ACTIVATIONS = {

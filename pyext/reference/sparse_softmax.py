@@ -23,6 +23,12 @@ REDUCTIONS = ("mean", "sum", "none")
 SPARSEMAX, ENTMAX15, BISECT, SOFTMAX = 0, 1, 2, 3
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """16-bit inputs are computed in float32 (and the results rounded to their dtype), as torch.softmax does:
+    a sort-based cumulative sum in bfloat16 would be no specification at all."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _shifted(x: torch.Tensor, dim: int, c: float):
     """z = c * (x - max) with max detached (every output is shift-invariant), -inf and entries that can
     never be in the support (z < -1 - margin) clamped to a finite value (their gradient is 0 either way, and
@@ -42,7 +48,7 @@ def _ix_like(z: torch.Tensor, dim: int) -> torch.Tensor:
 
 def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Sparsemax along dim (the spec's sort-based closed form): p = relu(x - lambda)."""
-    z, dead = _shifted(x, dim, 1.0)
+    z, dead = _shifted(_upcast(x), dim, 1.0)
     zs = z.sort(dim, descending=True).values
     lam_k = (zs.cumsum(dim) - 1) / _ix_like(z, dim)
     support = (zs > lam_k).sum(dim, keepdim=True)
@@ -53,13 +59,14 @@ def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """1.5-entmax along dim (sort-based closed form): z = (x - max) / 2, p = relu(z - tau)^2 with
     tau_k = mean_k - sqrt(1/k - var_k) over the k largest, k the largest with tau_k <= z_(k)."""
-    z, dead = _shifted(x, dim, 0.5)
+    z, dead = _shifted(_upcast(x), dim, 0.5)
     zs = z.sort(dim, descending=True).values
     rho = _ix_like(z, dim)
     mean = zs.cumsum(dim) / rho
     mean_sq = (zs * zs).cumsum(dim) / rho
     delta = (1 - rho * (mean_sq - mean * mean)) / rho
-    tau = mean - delta.clamp_min(0).sqrt()
+    pos = delta > 0  # sqrt(0)'s infinite derivative would turn the zero gradient of unused k into NaN
+    tau = mean - torch.where(pos, torch.where(pos, delta, torch.ones_like(delta)).sqrt(), torch.zeros_like(delta))
     support = (tau <= zs).sum(dim, keepdim=True)
     tau_star = tau.gather(dim, support - 1)
     return torch.where(dead, torch.zeros_like(z), (z - tau_star).clamp_min(0) ** 2).to(x.dtype)
@@ -76,6 +83,8 @@ def entmax_bisect(x: torch.Tensor, alpha: Union[float, torch.Tensor] = 1.5, dim:
     """alpha-entmax along dim by bisection (the entmax package's entmax_bisect): z = (alpha - 1) (x - max),
     p = relu(z - tau)^(1 / (alpha - 1)) / sum, tau in [-1, -(1/n)^(alpha-1)] halved n_iter times.
     alpha: a float or a tensor broadcastable to x with size 1 along dim; differentiable in x and alpha."""
+    out_dtype = x.dtype
+    x = _upcast(x)
     a = _alpha_like(alpha, x, dim)
     n = x.size(dim)
     m = x.detach().amax(dim, keepdim=True)
@@ -113,7 +122,7 @@ def entmax_bisect(x: torch.Tensor, alpha: Union[float, torch.Tensor] = 1.5, dim:
     pos = u > 0
     p = torch.where(pos, torch.where(pos, u, torch.ones_like(u)) ** e, torch.zeros_like(u))
     p = p / p.sum(dim, keepdim=True).detach().clamp_min(torch.finfo(p.dtype).tiny)
-    return torch.where(dead, torch.zeros_like(p), p).to(x.dtype)
+    return torch.where(dead, torch.zeros_like(p), p).to(out_dtype)
 
 
 def topk_mask(x: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
@@ -125,12 +134,13 @@ def topk_mask(x: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
 def topk_softmax(x: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     """Su's top-k Sparse Softmax along dim: softmax over the k largest entries, 0 elsewhere."""
     sel = topk_mask(x, k, dim)
-    m = x.detach().amax(dim, keepdim=True)
+    xu = _upcast(x)
+    m = xu.detach().amax(dim, keepdim=True)
     dead = m == float("-inf")
     m = torch.where(dead, torch.zeros_like(m), m)
-    e = torch.where(sel, (x - m).exp(), torch.zeros_like(x))
+    e = torch.where(sel, (xu - m).exp(), torch.zeros_like(xu))
     s = e.sum(dim, keepdim=True)
-    return torch.where(dead, torch.zeros_like(x), e / torch.where(dead, torch.ones_like(s), s))
+    return torch.where(dead, torch.zeros_like(xu), e / torch.where(dead, torch.ones_like(s), s)).to(x.dtype)
 
 
 # ---- losses: x (..., C), target (...) -------------------------------------------------------------------------
@@ -150,6 +160,7 @@ def _reduce(rows: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Ten
 
 def _entmax_loss_rows(x, target, ignore_index, kind):
     """The entmax package's loss per row: omega(p) + p . x - x_t, with x shifted by the row max (p sums to 1)."""
+    x = _upcast(x)
     p = sparsemax(x) if kind == SPARSEMAX else entmax15(x)
     m = x.detach().amax(-1, keepdim=True)
     dead = m == float("-inf")
@@ -171,20 +182,25 @@ def sparsemax_loss(x: torch.Tensor, target: torch.Tensor, ignore_index: int = -1
                    reduction: str = "mean") -> torch.Tensor:
     """Sparsemax loss (Martins and Astudillo): 1/2 - x_t + sum_S (x_i^2 - tau^2) / 2, gradient p - onehot(t)."""
     rows, keep = _entmax_loss_rows(x, target, ignore_index, SPARSEMAX)
-    return _reduce(rows, keep, reduction)
+    return _reduce(rows, keep, reduction).to(x.dtype)
 
 
 def entmax15_loss(x: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                   reduction: str = "mean") -> torch.Tensor:
     """1.5-entmax loss (Peters et al.): (1 - sum p^1.5) / 0.75 + p . x - x_t, gradient p - onehot(t)."""
     rows, keep = _entmax_loss_rows(x, target, ignore_index, ENTMAX15)
-    return _reduce(rows, keep, reduction)
+    return _reduce(rows, keep, reduction).to(x.dtype)
 
 
 def topk_softmax_cross_entropy(x: torch.Tensor, target: torch.Tensor, k: int, ignore_index: int = -100,
                                reduction: str = "mean") -> torch.Tensor:
     """Su's Sparse Softmax cross-entropy: log sum_{top-k} exp(x) - x_t (the target is not forced into the set)."""
+    return _topk_ce_rows(x, target, k, ignore_index, reduction).to(x.dtype)
+
+
+def _topk_ce_rows(x, target, k, ignore_index, reduction):
     sel = topk_mask(x, k)
+    x = _upcast(x)
     m = x.detach().amax(-1, keepdim=True)
     dead = (m == float("-inf")).squeeze(-1)
     m = torch.where(m == float("-inf"), torch.zeros_like(m), m)
@@ -209,7 +225,7 @@ def entmax_ref(x: torch.Tensor, alpha: Optional[torch.Tensor], kind: int, n_iter
     elif kind == ENTMAX15:
         p = entmax15(x)
     else:
-        p = entmax_bisect(x, alpha.to(x.dtype).unsqueeze(-1), -1, n_iter)
+        p = entmax_bisect(x, alpha.unsqueeze(-1), -1, n_iter)
     if target is None:
         return p, x.new_empty((0,), dtype=state)
     rows, _ = _entmax_loss_rows(x, target, ignore_index, kind)
@@ -222,7 +238,7 @@ def topk_softmax_ref(x: torch.Tensor, k: int, target: Optional[torch.Tensor], ig
     p = topk_softmax(x, k)
     if target is None:
         return p, x.new_empty((0,), dtype=state)
-    return p, topk_softmax_cross_entropy(x, target, k, ignore_index, "none").to(state)
+    return p, _topk_ce_rows(x, target, k, ignore_index, "none").to(state)
 
 
 def entmax_backward_ref(dp: torch.Tensor, p: torch.Tensor, alpha: Optional[torch.Tensor], kind: int,
