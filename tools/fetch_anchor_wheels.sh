@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
 for spec in liger-kernel==0.8.5 fla-core==0.6.0 rotary-embedding-torch==0.9.1 einops==0.8.2 \
-            flashinfer-python==0.7.2.post1 apache-tvm-ffi==0.1.15.post2; do
+            flashinfer-python==0.7.2.post1 apache-tvm-ffi==0.1.15.post2 entmax==1.3 adasplash==0.2.2; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d .whl "$spec"
