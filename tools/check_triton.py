@@ -30,6 +30,7 @@ import kxops  # noqa: E402,F401  (the package's triton_kernels)
 from kxops.triton_kernels import global_pointer as gp  # noqa: E402
 from kxops.triton_kernels import linear_attention as la  # noqa: E402
 from kxops.triton_kernels import rope  # noqa: E402
+from kxops.triton_kernels import sparse_softmax as ss  # noqa: E402
 
 _RECORDS: list = []
 
@@ -145,7 +146,32 @@ def _global_pointer():
         gp.mlce_backward(torch.randn(R), x, *labels, mask_zero, torch.zeros(R), torch.zeros(R))
 
 
-FAMILIES = {"linear_attention": _linear_attention, "rope": _rope, "global_pointer": _global_pointer}
+def _sparse_softmax():
+    """entmax (kinds 0, 1 with and without a loss, kind 2), top-k softmax (with and without a loss) and the backward
+    (kinds 0-3, kind 2 with and without alpha_grad) in every dtype, on chip at 4096 x 512 and at the largest
+    on-chip block (block_cap), and chunked (131072-wide rows)."""
+    R = 4
+    cap = ss.TUNING["block_cap"]
+    widths = [(512, None), (cap, None), (131072, None)]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for N, bc in widths:
+            x = torch.randn(R, N).to(dtype)
+            alpha = torch.full((R,), 1.5)
+            target = torch.zeros(R, dtype=torch.int64)
+            for kind in (0, 1):
+                ss.entmax_forward(x, None, kind, 50, target, -100, block_cap=bc)
+                ss.entmax_forward(x, None, kind, 50, None, -100, block_cap=bc)
+            ss.entmax_forward(x, alpha, 2, 50, None, -100, block_cap=bc)
+            ss.topk_softmax_forward(x, 5, target, -100, block_cap=bc)
+            ss.topk_softmax_forward(x, 5, None, -100, block_cap=bc)
+            for kind in (0, 1, 3):
+                ss.entmax_backward(x, x, None, kind, False, block_cap=bc)
+            ss.entmax_backward(x, x, alpha, 2, True, block_cap=bc)
+            ss.entmax_backward(x, x, alpha, 2, False, block_cap=bc)
+
+
+FAMILIES = {"linear_attention": _linear_attention, "rope": _rope, "global_pointer": _global_pointer,
+            "sparse_softmax": _sparse_softmax}
 
 
 def main(argv=None) -> int:

@@ -53,7 +53,10 @@ def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     lam_k = (zs.cumsum(dim) - 1) / _ix_like(z, dim)
     support = (zs > lam_k).sum(dim, keepdim=True)
     lam = lam_k.gather(dim, support - 1)
-    return torch.where(dead, torch.zeros_like(z), (z - lam).clamp_min(0)).to(x.dtype)
+    # the strict support (z > lambda, the spec's S): an entry exactly at the threshold gets no gradient, where
+    # clamp_min would pass it one (the Jacobian is undefined there; every backend takes this side, as entmax's)
+    p = torch.where(z > lam, z - lam, torch.zeros_like(z))
+    return torch.where(dead, torch.zeros_like(z), p).to(x.dtype)
 
 
 def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -110,14 +113,16 @@ def entmax_bisect(x: torch.Tensor, alpha: Union[float, torch.Tensor] = 1.5, dim:
             up = mass(mid) >= 1
             lo = torch.where(up, mid, lo)
             hi = torch.where(up, hi, mid)
-    # One Newton step on F(tau) = sum relu(z - tau)^e - 1 = 0 from the bisected tau: its value moves tau by
-    # ~F(lo) (below the bisection's resolution), its gradient is the implicit one, -dF/d(x, alpha) / dF/dtau.
+    # tau stays the bisected lo (entmax_bisect's value: p renormalised at lo); its gradient is the implicit one,
+    # -dF/d(x, alpha) / dF/dtau, carried by a Newton step on F(tau) = sum relu(z - tau)^e - 1 whose value is
+    # taken back out.
     u = (z - lo).clamp_min(0)
     pos = u > 0
     us = torch.where(pos, u, torch.ones_like(u))
     F = torch.where(pos, us ** e, torch.zeros_like(u)).sum(dim, keepdim=True) - 1
     dF = (e * torch.where(pos, us ** (e - 1), torch.zeros_like(u))).sum(dim, keepdim=True)
-    tau = lo + F / dF
+    step = F / dF
+    tau = lo + (step - step.detach())
     u = (z - tau).clamp_min(0)
     pos = u > 0
     p = torch.where(pos, torch.where(pos, u, torch.ones_like(u)) ** e, torch.zeros_like(u))
