@@ -20,7 +20,8 @@ from .rope import setup_torch_mul
 # (case name, the public function it calls)
 CALLS = (("rope", "rope"), ("linear_attention_step", "linear_attention_step"),
          ("global_pointer_loss", "global_pointer_loss"),
-         ("multilabel_categorical_crossentropy", "multilabel_categorical_crossentropy"))
+         ("multilabel_categorical_crossentropy", "multilabel_categorical_crossentropy"),
+         ("sparsemax", "sparsemax"))
 
 
 def _case(device, name) -> Case:
@@ -45,6 +46,8 @@ def make_inputs(case: Case, seed: int) -> Inputs:
         t = dict(q=r(1, 2, 8), k=r(1, 2, 8), v=r(1, 2, 8), S=r(1, 2, 8, 8), z=r(1, 2, 8).abs() + 1)
     elif call == "global_pointer_loss":
         t = dict(q=r(1, 4, 2, 8), k=r(1, 4, 2, 8), spans=torch.tensor([[0, 1, 0, 2]], device=case.device))
+    elif call == "sparsemax":
+        t = dict(q=r(2, 8))
     else:
         t = dict(q=r(2, 8), targets=(r(2, 8) > 0).float())
     return Inputs(t, seed=seed)
@@ -58,6 +61,8 @@ def _run(fns, case, inputs):
         return lambda: fns.linear_attention_step(t.q, t.k, t.v, (t.S, t.z))
     if call == "global_pointer_loss":
         return lambda: fns.global_pointer_loss(t.q, t.k, t.spans)
+    if call == "sparsemax":
+        return lambda: fns.sparsemax(t.q)
     return lambda: fns.multilabel_categorical_crossentropy(t.q, t.targets)
 
 
@@ -69,6 +74,8 @@ class _Reference:
             return import_module("kxops.reference.global_pointer").global_pointer_loss
         if name == "multilabel_categorical_crossentropy":
             return import_module("kxops.reference.global_pointer").multilabel_categorical_crossentropy
+        if name == "sparsemax":
+            return import_module("kxops.reference.sparse_softmax").sparsemax
         return getattr(import_module("kxops.reference"), name)
 
 

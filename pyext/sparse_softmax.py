@@ -132,7 +132,8 @@ def entmax(x: Tensor, alpha: Union[float, Tensor], dim: int = -1, n_iter: int = 
            backend: str = "auto") -> Tensor:
     """alpha-entmax along dim: p = relu((alpha - 1) x - tau)^(1 / (alpha - 1)) with sum 1, alpha > 1
     (alpha -> 1 approaches softmax, 2 is sparsemax). alpha: a float, or a tensor broadcastable to x with size
-    1 along dim (one alpha per row; it gets a gradient, as the entmax package's entmax_bisect). tau is found
+    1 along dim (one alpha per row; it gets a gradient, as the entmax package's entmax_bisect; 16-bit rows then
+    run in float32, since that gradient divides by (alpha - 1)^2). tau is found
     by n_iter bisection steps (fewer when the interval collapses in float32) and p renormalised, as
     entmax_bisect does. A float alpha of exactly 2 or 1.5 runs sparsemax / entmax15 (exact closed forms)."""
     if isinstance(alpha, Tensor):
