@@ -39,13 +39,8 @@
 #include <tuple>
 #include <vector>
 
+#include "simd.h"
 #include "sincos.h"
-
-#define KX_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__)
-#define KX_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define KX_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#endif
 
 namespace kxops {
 namespace {

@@ -52,11 +52,7 @@
 #include <type_traits>
 #include <vector>
 
-#define KX_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__)
-#define KX_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define KX_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
-#endif
+#include "simd.h"
 
 namespace kxops {
 namespace {

@@ -88,13 +88,8 @@ template <> struct Tr<__nv_bfloat16> {
   static constexpr int kPieces = 1;
 };
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using kx::from_f;
+using kx::to_f;
 
 // Shared memory of a block, as byte offsets (-1: absent), every buffer 128-byte aligned; leading
 // dimensions in elements. Operands: bt rows of dp (d rounded up to 16) columns, x the block's own side,

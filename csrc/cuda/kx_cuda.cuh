@@ -24,6 +24,15 @@ namespace kx {
 
 constexpr unsigned kFullMask = 0xffffffffu;  // every lane of a warp
 
+// A storage type's value in float (the kernels' arithmetic) and back, rounded to nearest.
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
 // One access of sizeof(V) bytes (16: LDG.128 / STG.128) at p, which must be aligned to alignof(V):
 // the host code checks that before it picks a vector path. A misaligned address is a sticky CUDA
 // error on the GPU and an exception in emulation.

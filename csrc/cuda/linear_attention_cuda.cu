@@ -69,13 +69,8 @@ template <> struct Tr<__nv_bfloat16> {
   static constexpr bool kTc = true;
 };
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using kx::from_f;
+using kx::to_f;
 
 // The three walk kernels: forward, the backward's forward walk and its reverse walk.
 enum WalkKind { kForwardWalk = 0, kBackwardForwardWalk = 1, kBackwardReverseWalk = 2 };

@@ -57,13 +57,8 @@ constexpr int kMaxPasses = 100;                 // the contract's MAX_PASSES
 constexpr int kBins = 256;                      // top-k: 8 bits a radix pass
 constexpr int kRedWords = 8;                    // most 32-bit words one reduction carries per warp
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using kx::from_f;
+using kx::to_f;
 
 // 16 bytes of a row: the unit of every vector load and store.
 template <typename T>
