@@ -14,6 +14,8 @@ TRITON_INTERPRET (the interpreter replaces the kernels).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -174,6 +176,21 @@ FAMILIES = {"linear_attention": _linear_attention, "rope": _rope, "global_pointe
             "sparse_softmax": _sparse_softmax}
 
 
+_JOBS: list = []
+
+
+def _compile(i, arch):
+    """(seconds, shared memory, error or None) of compiling job i for sm_<arch>."""
+    kernel, sig, consts, options = _JOBS[i]
+    t = time.time()
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as e:  # noqa: BLE001
+        return time.time() - t, 0, f"{type(e).__name__}: {e}"
+    return time.time() - t, compiled.metadata.shared, None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90 (default 90)")
@@ -182,22 +199,23 @@ def main(argv=None) -> int:
     torch.library.wrap_triton = _Recorder
     for name in a.family or FAMILIES:
         FAMILIES[name]()
-    seen, t0 = set(), time.time()
+    seen, jobs, t0 = set(), [], time.time()
     for kernel, args, kw in _RECORDS:
         sig, consts, options = _signature(kernel, list(args), dict(kw))
         key = (kernel.__name__, repr(sorted(sig.items())), repr(sorted(consts.items(), key=str)), repr(options))
-        if key in seen:
-            continue
-        seen.add(key)
-        t = time.time()
-        try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
-                                      target=GPUTarget("cuda", a.arch, 32), options=options)
-        except Exception as e:  # noqa: BLE001
-            print(f"check_triton: {kernel.__name__} failed for sm_{a.arch}: {type(e).__name__}: {e}\n"
-                  f"  signature {sig}\n  constexprs {consts}\n  options {options}", file=sys.stderr)
-            return 1
-        print(f"{kernel.__name__:26s} {time.time() - t:5.1f} s  shared {compiled.metadata.shared} B")
+        if key not in seen:
+            seen.add(key)
+            jobs.append((kernel, sig, consts, options))
+    _JOBS[:] = jobs
+    # the compilations are independent: one process per core (forked, so they inherit the recorded jobs)
+    with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1, mp_context=mp.get_context("fork")) as pool:
+        for i, (dt, shared, error) in enumerate(pool.map(_compile, range(len(jobs)), [a.arch] * len(jobs))):
+            kernel, sig, consts, options = jobs[i]
+            if error is not None:
+                print(f"check_triton: {kernel.__name__} failed for sm_{a.arch}: {error}\n"
+                      f"  signature {sig}\n  constexprs {consts}\n  options {options}", file=sys.stderr)
+                return 1
+            print(f"{kernel.__name__:26s} {dt:5.1f} s  shared {shared} B")
     print(f"check_triton: {len(seen)} compilations for sm_{a.arch} in {time.time() - t0:.0f} s (triton "
           f"{triton.__version__})")
     return 0
