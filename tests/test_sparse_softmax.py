@@ -8,7 +8,7 @@ import torch
 import kxops
 from kxops import sparse_softmax as _SSM
 from kxops.reference import sparse_softmax as R
-from testing import (DTYPE_IDS, DTYPES, INTERPRETING, assert_close_to_ref, assert_raises_with,
+from testing import (DTYPE_IDS, HAS_CUDA, DTYPES, INTERPRETING, assert_close_to_ref, assert_raises_with,
                      bad_input_params, backends_where, called_ops, compiled, fake_cuda, grads, opcheck,
                      stand_in_cuda_kernels)
 
@@ -276,16 +276,23 @@ def test_gradcheck_cpu_float64():
         assert torch.autograd.gradcheck(lambda x: loss(x, t, reduction="none", backend="cpu"), (x,))
 
 
-def test_opcheck_cpu_kernels():
-    x = torch.randn(3, 10) * 2
-    a = torch.full((3,), 1.4)
-    t = torch.tensor([0, 9, -100])
-    opcheck(torch.ops.kxops.entmax.default, (x.clone().requires_grad_(), None, 0, 0, t, -100))
-    opcheck(torch.ops.kxops.entmax.default, (x.clone().requires_grad_(), None, 1, 0, None, -100))
-    opcheck(torch.ops.kxops.entmax.default, (x.clone().requires_grad_(), a.clone().requires_grad_(), 2, 30, None, -100))
-    opcheck(torch.ops.kxops.topk_softmax.default, (x.clone().requires_grad_(), 3, t, -100))
-    p = kxops.entmax(x, 1.4)
-    opcheck(torch.ops.kxops.entmax_backward.default, (torch.randn(3, 10), p, a, 2, True))
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+def test_opcheck_kernels(device):
+    """The C++ kernel ops (CPU; CUDA on a GPU) in full; the Triton ops' schema and fakes on a GPU."""
+    x = (torch.randn(3, 10) * 2).to(device)
+    a = torch.full((3,), 1.4, device=device)
+    t = torch.tensor([0, 9, -100], device=device)
+    k = torch.ops.kxops
+    ops = [(k.entmax.default, k.entmax_backward.default, k.topk_softmax.default, True)]
+    if device == "cuda" and TRITON_OK:
+        ops.append((k.entmax_triton.default, k.entmax_backward_triton.default, k.topk_softmax_triton.default, False))
+    for fwd, bwd, topk, full in ops:
+        opcheck(fwd, (x.clone().requires_grad_(), None, 0, 0, t, -100), full)
+        opcheck(fwd, (x.clone().requires_grad_(), None, 1, 0, None, -100), full)
+        opcheck(fwd, (x.clone().requires_grad_(), a.clone().requires_grad_(), 2, 30, None, -100), full)
+        opcheck(topk, (x.clone().requires_grad_(), 3, t, -100), full)
+        p = fwd(x, a, 2, 30, None, -100)[0]
+        opcheck(bwd, (torch.randn_like(x), p, a, 2, True), full)
 
 
 def _everything(x, a, t, backend):
