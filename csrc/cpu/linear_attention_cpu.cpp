@@ -46,6 +46,11 @@ namespace kxops {
 namespace {
 
 using at::Tensor;
+using cpu::Isa;
+using cpu::cpu_isa;
+using cpu::kAvx2;
+using cpu::kAvx512;
+using cpu::kDefault;
 using cpu::sincos_table;
 using std::optional;
 
@@ -117,7 +122,6 @@ KX_INLINE void gemm_tiles(Tri tri, int64_t M, int64_t N, int64_t K, const double
 
 // The instruction sets, and what each compiles out of line: the products (one copy each) and a
 // Worker's element-wise steps (Clone::run, one copy per step and Worker type).
-enum Isa { kDefault, kAvx2, kAvx512 };
 #define KX_GEMM_ARGS                                                                                        \
   Tri tri, int64_t M, int64_t N, int64_t K, const double *a, int64_t sam, int64_t sak, const double *b, \
       int64_t ldb, double *c, int64_t ldc, bool accumulate
@@ -732,19 +736,6 @@ void work(const Problem<T, St>& p, std::atomic<int64_t>& next, const int64_t* or
   for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
        i = next.fetch_add(1, std::memory_order_relaxed))
     w.run(order[i]);
-}
-
-// ATen's own choice (cpuinfo, capped by ATEN_CPU_CAPABILITY), so that both paths can be tested.
-Isa cpu_isa() {
-  static const Isa isa = [] {
-#ifdef KX_TARGET_AVX2
-    const std::string c = at::get_cpu_capability();
-    if (c == "AVX512") return kAvx512;
-    if (c == "AVX2") return kAvx2;
-#endif
-    return kDefault;
-  }();
-  return isa;
 }
 
 // ---- argument checks ------------------------------------------------------------------------------

@@ -2,9 +2,32 @@
 // attributes of the AVX2 and AVX-512 copies of a loop (ATEN_CPU_CAPABILITY chooses among them at run time;
 // at::vec compiles to its scalar fallback in an extension built without ATen's CPU_CAPABILITY macros).
 #pragma once
+#include <ATen/Version.h>
+
+#include <string>
+
 
 #define KX_INLINE inline __attribute__((always_inline))
 #if defined(__x86_64__)
 #define KX_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define KX_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #endif
+
+namespace kxops::cpu {
+
+enum Isa { kDefault, kAvx2, kAvx512 };
+
+// ATen's own choice (cpuinfo, capped by ATEN_CPU_CAPABILITY), so that every path can be tested.
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
+#ifdef KX_TARGET_AVX2
+    const std::string c = at::get_cpu_capability();
+    if (c == "AVX512") return kAvx512;
+    if (c == "AVX2") return kAvx2;
+#endif
+    return kDefault;
+  }();
+  return isa;
+}
+
+}  // namespace kxops::cpu

@@ -58,6 +58,11 @@ namespace kxops {
 namespace {
 
 using at::Tensor;
+using cpu::Isa;
+using cpu::cpu_isa;
+using cpu::kAvx2;
+using cpu::kAvx512;
+using cpu::kDefault;
 using std::optional;
 
 constexpr int kSparsemax = 0, kEntmax15 = 1, kBisect = 2, kSoftmax = 3;
@@ -562,22 +567,7 @@ KX_INLINE void bwd_rows(const BwdArgs<T, St>& a, int64_t begin, int64_t end) {
   }
 }
 
-// ---- ISA clones -----------------------------------------------------------------------------------------
-
-enum Isa { kDefault, kAvx2, kAvx512 };
-
-// ATen's own choice (cpuinfo, capped by ATEN_CPU_CAPABILITY), so that every path can be tested.
-Isa cpu_isa() {
-  static const Isa isa = [] {
-#ifdef KX_TARGET_AVX2
-    const std::string c = at::get_cpu_capability();
-    if (c == "AVX512") return kAvx512;
-    if (c == "AVX2") return kAvx2;
-#endif
-    return kDefault;
-  }();
-  return isa;
-}
+// ---- ISA clones (cpu::Isa, cpu::cpu_isa: simd.h) ---------------------------------------------------------
 
 #ifdef KX_TARGET_AVX2
 #define KX_CLONES(NAME, ARGS)                                                                             \
