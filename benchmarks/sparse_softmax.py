@@ -9,10 +9,10 @@ package's learnable per-row alpha). The case's `fn` says which function: sparsem
 entmax_bisect (alpha 1.5 as a tensor, 50 bisection steps: the entmax package's default) or topk_softmax
 (k = 64).
 
-The reference (and torch.compile of it) evaluates kxops.reference.sparse_softmax on x in float32, the
-kernel contract's state dtype, and returns x's dtype: in bf16 the sort-based closed forms lose the
-threshold (entmax15 at 32768 wide: rows of the bf16 reference sum to 19, relative RMS up to ~1). Every
-provider is checked against it. The anchors run in x's dtype, as their users call them: the entmax
+The reference (and torch.compile of it) is kxops.reference.sparse_softmax, which computes 16-bit inputs
+in float32 (the kernel contract's state dtype; in bf16 the sort-based closed forms would lose the
+threshold: entmax15 at 32768 wide had rows summing to 19) and returns x's dtype. Every provider is
+checked against it. The anchors run in x's dtype, as their users call them: the entmax
 package's cumulative sums and bisection in bf16 are off by up to ~2.5e-2 relative RMS, hence the bf16
 tolerance below (5e-2: far under the O(1) error of a wrong threshold or support).
 """
@@ -100,21 +100,14 @@ def _ref():
 
 
 def _reference_fn(fn: str):
-    """The reference of `fn` evaluated in float32 (the contract's state dtype), returned in x's dtype."""
+    """The reference of `fn` (it computes 16-bit inputs in float32 itself and returns x's dtype)."""
     ref = _ref()
-
     if fn == "entmax_bisect":
-        def call(x, alpha):
-            return ref.entmax_bisect(x.float(), alpha.float(), -1, N_ITER).to(x.dtype)
-    elif fn == "topk_softmax":
-        def call(x):
-            return ref.topk_softmax(x.float(), TOPK, -1).to(x.dtype)
-    else:
-        f = getattr(ref, fn)
-
-        def call(x):
-            return f(x.float(), -1).to(x.dtype)
-    return call
+        return lambda x, alpha: ref.entmax_bisect(x, alpha, -1, N_ITER)
+    if fn == "topk_softmax":
+        return lambda x: ref.topk_softmax(x, TOPK, -1)
+    f = getattr(ref, fn)
+    return lambda x: f(x, -1)
 
 
 def _bind(f, case, inputs):
@@ -227,7 +220,7 @@ def _setup_kxops(backend):
 
 PROVIDERS = [
     Provider("reference", setup_reference, available=_reference_available, kind="reference",
-             note="kxops.reference.sparse_softmax (sort-based closed forms, bisection), eager, on x in float32"),
+             note="kxops.reference.sparse_softmax (sort-based closed forms, bisection), eager; 16-bit x computed in float32"),
     Provider("compile", setup_compile, available=_reference_available, kind="compile",
              note="torch.compile(the reference, dynamic=False)"),
     Provider("torch-softmax", setup_torch_softmax, kind="yardstick",
