@@ -9,6 +9,7 @@
 // choice can never break a graph, and nothing is allocated for arguments that are already right.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/WrapDimUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
@@ -117,6 +118,37 @@ inline at::Tensor check_cu_seqlens(const char* op, const at::Tensor& cu, int64_t
   }
   TORCH_CHECK_VALUE(v[n - 1] == total, op, ": cu_seqlens must end at total_tokens=", total, ", got ", v[n - 1]);
   return c;
+}
+
+// ---- rows: `dim` moved last, the other dimensions flattened (the softmax families' kernel contracts) ---
+
+// x with `dim` moved last, as contiguous (R, N) rows; `shape` is the moved tensor's shape (to undo it).
+struct Rows {
+  at::Tensor x;
+  std::vector<int64_t> shape;
+  int64_t dim = 0, R = 0, N = 0;
+  bool scalar = false;
+};
+
+// `arg` names x in the dtype error (a floating tensor is required).
+inline Rows to_rows(const char* op, const at::Tensor& x, int64_t dim, const char* arg = "x") {
+  check_float(op, arg, x);
+  Rows r;
+  r.scalar = x.dim() == 0;
+  const at::Tensor x1 = r.scalar ? x.reshape({1}) : x;
+  r.dim = at::maybe_wrap_dim(dim, x1.dim());
+  const at::Tensor moved = x1.movedim(r.dim, -1);
+  r.shape = moved.sizes().vec();
+  r.N = moved.size(-1);
+  r.R = r.N == 0 ? 0 : moved.numel() / r.N;
+  r.x = moved.reshape({r.R, r.N}).contiguous();
+  return r;
+}
+
+// (R, N) rows back to the user's layout.
+inline at::Tensor from_rows(const Rows& r, const at::Tensor& p) {
+  const at::Tensor out = p.reshape(r.shape).movedim(-1, r.dim);
+  return r.scalar ? out.reshape({}) : out;
 }
 
 // ---- backends ------------------------------------------------------------------------------------

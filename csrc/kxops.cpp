@@ -145,4 +145,19 @@ TORCH_LIBRARY(kxops, m) {
   m.def("entmax_loss_front(Tensor x, Tensor target, int kind, int ignore_index, str reduction, str backend) -> Tensor");
   m.def("topk_softmax_cross_entropy_front(Tensor x, Tensor target, int k, int ignore_index, str reduction, "
         "str backend) -> Tensor");
+
+  // Gumbel / perturb-max softmaxes (docs/gumbel_softmax_kernel_contract.md): x (R, N) rows, seed an int64
+  // one-element tensor on x's device (the Philox key; None: no noise). Kernel ops (CPU, CUDA; Triton as
+  // kxops::*_triton), the references on the same arguments, and the fronts (the public functions draw the seed).
+  m.def("gumbel_softmax(Tensor x, Tensor? seed, float tau, bool hard) -> (Tensor, Tensor, Tensor)");
+  m.def("gumbel_softmax_backward(Tensor dy, Tensor y, float tau) -> Tensor");
+  m.def("gumbel_max(Tensor x, Tensor seed) -> Tensor");
+  m.def("perturb_max(Tensor x, Tensor nodes) -> Tensor");
+  m.def("perturb_max_backward(Tensor dp, Tensor x, Tensor nodes) -> Tensor");
+  m.def("gumbel_softmax_reference(Tensor x, Tensor? seed, float tau, bool hard) -> (Tensor, Tensor, Tensor)");
+  m.def("gumbel_max_reference(Tensor x, Tensor seed) -> Tensor");
+  m.def("perturb_max_reference(Tensor x, Tensor nodes) -> Tensor");
+  m.def("gumbel_softmax_front(Tensor logits, Tensor seed, float tau, bool hard, int dim, str backend) -> Tensor");
+  m.def("gumbel_max_front(Tensor logits, Tensor seed, int dim, str backend) -> Tensor");
+  m.def("perturb_max_softmax_front(Tensor x, str noise, int num_quantiles, int dim, str backend) -> Tensor");
 }

@@ -21,6 +21,9 @@ namespace {
 
 using at::Tensor;
 using front::Backend;
+using front::Rows;
+using front::from_rows;
+using front::to_rows;
 using std::optional;
 
 enum Kind : int64_t { kSparsemax = 0, kEntmax15 = 1, kBisect = 2, kSoftmax = 3 };
@@ -43,33 +46,6 @@ constexpr front::FamilyOps kTopkOps{"kxops::topk_softmax", "kxops::topk_softmax_
 at::ScalarType state_dtype(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 bool checkable(const Tensor& t) { return !front::traced(t) && !front::capturing(t) && t.numel() > 0; }
-
-// x with `dim` moved last, as (R, N) rows; `shape` is the moved tensor's shape (to undo it).
-struct Rows {
-  Tensor x;
-  std::vector<int64_t> shape;
-  int64_t dim = 0, R = 0, N = 0;
-  bool scalar = false;
-};
-
-Rows to_rows(const char* op, const Tensor& x, int64_t dim) {
-  front::check_float(op, "x", x);
-  Rows r;
-  r.scalar = x.dim() == 0;
-  const Tensor x1 = r.scalar ? x.reshape({1}) : x;
-  r.dim = at::maybe_wrap_dim(dim, x1.dim());
-  const Tensor moved = x1.movedim(r.dim, -1);
-  r.shape = moved.sizes().vec();
-  r.N = moved.size(-1);
-  r.R = r.N == 0 ? 0 : moved.numel() / r.N;
-  r.x = moved.reshape({r.R, r.N}).contiguous();
-  return r;
-}
-
-Tensor from_rows(const Rows& r, const Tensor& p) {
-  const Tensor out = p.reshape(r.shape).movedim(-1, r.dim);
-  return r.scalar ? out.reshape({}) : out;
-}
 
 // ---- the activations ---------------------------------------------------------------------------------------
 
