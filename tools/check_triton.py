@@ -30,6 +30,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import kxops  # noqa: E402,F401  (the package's triton_kernels)
 from kxops.triton_kernels import global_pointer as gp  # noqa: E402
+from kxops.triton_kernels import gumbel_softmax as gs  # noqa: E402
 from kxops.triton_kernels import linear_attention as la  # noqa: E402
 from kxops.triton_kernels import rope  # noqa: E402
 from kxops.triton_kernels import sparse_softmax as ss  # noqa: E402
@@ -172,8 +173,32 @@ def _sparse_softmax():
             ss.entmax_backward(x, x, alpha, 2, False, block_cap=bc)
 
 
+def _gumbel_softmax():
+    """Gumbel-softmax (soft / hard, with and without noise), Gumbel-max and the backward in every dtype, on chip
+    at 512 and at the largest on-chip block (block_cap, bwd_block_cap), and chunked (131072-wide rows); the
+    perturb-max forward and backward in every dtype."""
+    R = 4
+    seed = torch.tensor([1234], dtype=torch.int64)
+    fwd_widths = [512, gs.TUNING["block_cap"], 131072]
+    bwd_widths = [512, gs.TUNING["bwd_block_cap"], 131072]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for N in fwd_widths:
+            x = torch.randn(R, N).to(dtype)
+            for noise in (seed, None):
+                for hard in (False, True):
+                    gs.gumbel_softmax_forward(x, noise, 0.5, hard)
+            gs.gumbel_max_forward(x, seed)
+        for N in bwd_widths:
+            y = torch.rand(R, N).to(dtype)
+            gs.gumbel_softmax_backward(torch.randn(R, N).to(dtype), y, 0.5)
+        x = torch.randn(R, 300).to(dtype)
+        nodes = torch.linspace(-1.0, 1.0, 5, dtype=torch.float64)
+        gs.perturb_max_forward(x, nodes)
+        gs.perturb_max_backward(torch.randn(R, 300).to(dtype), x, nodes)
+
+
 FAMILIES = {"linear_attention": _linear_attention, "rope": _rope, "global_pointer": _global_pointer,
-            "sparse_softmax": _sparse_softmax}
+            "sparse_softmax": _sparse_softmax, "gumbel_softmax": _gumbel_softmax}
 
 
 _JOBS: list = []
