@@ -61,14 +61,16 @@ test: build cuda-check triton-check
 
 # The libraries users would pick instead (benchmark providers), never with their dependencies (they
 # would pull another torch). The GPU machine has no network: wheels carried in .whl/ are used there.
-ANCHORS := liger-kernel fla-core rotary-embedding-torch einops flashinfer-python apache-tvm-ffi entmax adasplash
+ANCHORS := liger-kernel fla-core rotary-embedding-torch einops flashinfer-python apache-tvm-ffi entmax adasplash \
+           quack-kernels
 # One at a time, so that a missing wheel skips its own providers only. FlashInfer (CUDA-only, about
-# 240 MiB installed), its binding layer and adasplash (Triton kernels) only where torch sees a GPU;
-# entmax (pure PyTorch) everywhere.
+# 240 MiB installed), its binding layer, adasplash (Triton kernels) and quack-kernels (CuTe DSL: it
+# imports only where nvidia-cutlass-dsl, not carried in .whl, is installed too; elsewhere its provider
+# says why) only where torch sees a GPU; entmax (pure PyTorch) everywhere.
 .stamp-anchors: $(ENV_STAMP)
 	@gpu=$$($(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null); \
 	 for a in $(ANCHORS); do \
-	   case $$a in flashinfer-python|apache-tvm-ffi|adasplash) [ "$$gpu" = 1 ] || continue;; esac; \
+	   case $$a in flashinfer-python|apache-tvm-ffi|adasplash|quack-kernels) [ "$$gpu" = 1 ] || continue;; esac; \
 	   if [ -d .whl ]; then $(PY) -m pip install -q --no-deps --no-index --find-links .whl $$a; \
 	   else $(PY) -m pip install -q --no-deps --retries 0 --timeout 10 $$a; fi \
 	     || echo "bench: $$a not installed; its providers are skipped"; \

@@ -97,7 +97,11 @@ class Provider:
     "yardstick" (a cheap call such as one aten op on the same tensor: never checked, never a competitor;
     the other rows report their time as a multiple of it).
     modes: the modes it supports (None: all; an in-place or inference-only provider: ("fwd",)).
-    timing: overrides the case's timing (a CUDA-graph replay: "device", the kernel time)."""
+    timing: overrides the case's timing (a CUDA-graph replay: "device", the kernel time).
+    check: replaces Op.check for this provider (same signature, check(ref, out, case), compared with
+    Op.tolerance): for a provider whose output cannot be compared with the reference's (a sampler that
+    draws other random noise, such as torch's gumbel_softmax), a property of its own output instead (rows
+    that sum to 1, indices in range). None: Op.check."""
     name: str
     setup: Callable[[Case, Inputs], Optional[Callable[[], Any]]]
     devices: tuple = DEVICES
@@ -106,6 +110,7 @@ class Provider:
     note: str = ""
     modes: Optional[tuple] = None
     timing: Optional[str] = None
+    check: Optional[Callable[[Any, Any, "Case"], float]] = None
 
 
 @functools.cache
@@ -173,7 +178,9 @@ class Target:
     faster_than  a lower median than each of these providers (same case, mode and timing), at least
                  `faster_by` times lower when that is set above 1;
     max_ratio    at most this multiple of the yardstick's median;
-    max_mem_mib  a peak memory (the table's peak MiB) of at most this many MiB.
+    max_mem_mib  a peak memory (the table's peak MiB) of at most this many MiB;
+    min_frac_copy  at least this fraction of the copy bandwidth measured in the same run (the table's
+                 %copy / 100: GB/s over copy GB/s).
     `provider`, and each entry of `faster_than`, may also be a tuple of names: the fastest of them that
     ran and passed its check stands for the group ("ours, CUDA or Triton, whichever is faster")."""
     case: str
@@ -185,6 +192,7 @@ class Target:
     max_ratio: Optional[float] = None
     faster_by: float = 1.0
     max_mem_mib: Optional[float] = None
+    min_frac_copy: Optional[float] = None
 
 
 @dataclass
@@ -209,7 +217,9 @@ class Op:
                             default every floating tensor. A family whose calls also return state
                             (linear attention's final state) selects here.
     check(ref, out, case)   an error number compared with tolerance(dtype); None disables the check
-                            (random outputs: seed them from inputs.seed instead where possible).
+                            (random outputs: seed them from inputs.seed instead where possible). A
+                            Provider.check replaces it for that provider (outputs not comparable with
+                            the reference's: other random noise).
     modes                   the modes the family supports (a forward-only family: ("fwd",)); a Case or
                             a Provider may narrow them (modes_for).
     targets                 Target goals printed under the table (e.g. "kxops-cpu >= 3x the reference").

@@ -202,7 +202,7 @@ def provider_test(op: Op, benchmark, case, provider, mode: str) -> None:
         pytest.skip(f"{provider.name} cannot express {case.name}")
     out = fn()
     if provider.kind != "yardstick":
-        err = op.check(want, out, case)
+        err = (provider.check or op.check)(want, out, case)
         assert err <= op.tolerance(case.dtype), f"{provider.name} differs from the reference: rel RMS {err:.2e}"
 
     step = timing.make_step(fn, inputs, mode, op.outputs, 0)
@@ -270,7 +270,7 @@ def run_op(op: Op, device: str, sel: Selection, budget: timing.Budget, env: dict
                 out = fn()
                 timing.synchronize(device)
                 if ref_out is not None and p.kind != "yardstick":
-                    err = op.check(ref_out, out, case)
+                    err = (p.check or op.check)(ref_out, out, case)
                     if err is not None and not err <= op.tolerance(case.dtype):
                         status = "MISMATCH"
                 del out
@@ -459,6 +459,11 @@ def format_targets(op: Op, rows: list) -> list:
                 mib = r.get("peak_mem_mib") if ok else None
                 lines.append(_goal(f"{who} peak memory <= {t.max_mem_mib:.0f} MiB {where}", f"{_f(mib, '.0f')} MiB",
                                    None if mib is None else mib <= t.max_mem_mib))
+            if t.min_frac_copy is not None:
+                frac = r.get("frac_copy_bw") if ok else None
+                met = None if frac is None else frac >= t.min_frac_copy
+                lines.append(_goal(f"{who} >= {100 * t.min_frac_copy:g}% of copy bandwidth {where}",
+                                   f"{_f(frac and 100 * frac, '.0f')}%", met))
     return lines
 
 

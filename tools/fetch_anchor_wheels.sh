@@ -10,11 +10,15 @@
 # apache-tvm-ffi (its binding layer, a compiled wheel) is the one dependency the GPU image lacks for it;
 # the rest of its Requires-Dist there is either present (requests, nvidia-ml-py, filelock, ...) or used
 # only by its other ops (cuda-tile, nvidia-cutlass-dsl, nvidia-cudnn-frontend, nccl4py, ...).
+# quack-kernels (0.7 MiB, pure Python: the Gumbel-softmax benchmark's tuned-softmax yardstick) imports
+# only with nvidia-cutlass-dsl (compiled wheels, not fetched here): where that is missing, its provider
+# reports the import error and is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
 for spec in liger-kernel==0.8.5 fla-core==0.6.0 rotary-embedding-torch==0.9.1 einops==0.8.2 \
-            flashinfer-python==0.7.2.post1 apache-tvm-ffi==0.1.15.post2 entmax==1.3 adasplash==0.2.2; do
+            flashinfer-python==0.7.2.post1 apache-tvm-ffi==0.1.15.post2 entmax==1.3 adasplash==0.2.2 \
+            quack-kernels==0.6.5; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d .whl "$spec"
