@@ -126,6 +126,7 @@ struct GumbelSoftmaxFn : public torch::autograd::Function<GumbelSoftmaxFn> {
     auto [y, soft, index] = kGs.get().call(x, seed, tau, hard);
     ctx->save_for_backward({hard ? soft : y});
     ctx->saved_data["tau"] = tau;
+    ctx->saved_data["hard"] = hard;
     ctx->mark_non_differentiable({index});
     return {y, soft, index};
   }
@@ -134,7 +135,8 @@ struct GumbelSoftmaxFn : public torch::autograd::Function<GumbelSoftmaxFn> {
                                                  torch::autograd::variable_list grads) {
     const Tensor soft = ctx->get_saved_variables()[0];
     Tensor g = grads[0];
-    if (grads[1].defined() && grads[1].numel() > 0) g = g.defined() ? g + grads[1] : grads[1];
+    // soft is an output only when hard (else an empty placeholder): its gradient adds to y's
+    if (ctx->saved_data["hard"].toBool() && grads[1].defined()) g = g.defined() ? g + grads[1] : grads[1];
     if (!g.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
     return {kGsBwd.get().call(g.contiguous(), soft, ctx->saved_data["tau"].toDouble()), Tensor(), Tensor(), Tensor()};
   }

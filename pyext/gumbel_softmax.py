@@ -87,7 +87,7 @@ if TRITON_KERNELS:
         """The C++ ops' formula (GumbelSoftmaxFn in csrc/gumbel_softmax.cpp): the soft output's gradient."""
         hard, tau = inputs[3], inputs[2]
         g = dy
-        if dsoft is not None and dsoft.numel() > 0:
+        if hard and dsoft is not None:  # soft is an output only when hard (else an empty placeholder)
             g = dsoft if g is None else g + dsoft
         if g is None:
             return None
@@ -164,7 +164,8 @@ def perturb_max_softmax(x: Tensor, noise: str = "gaussian", num_quantiles: int =
     with their gradient. noise="gaussian": by quadrature over num_quantiles (K >= 2) quantiles of the normal,
     p_i ~ (1/K) sum_k prod_{j != i} Phi(x_i - x_j + Phi^-1(k / (K + 1))), products in log space, in float64
     whatever x's dtype, then renormalised to sum to 1 (the quadrature alone sums to 1 up to its error). Costs
-    O(K N^2) per row of N entries. noise="gumbel": the closed form, exactly softmax(x) (num_quantiles unused).
+    O(K N^2) per row of N entries. The quadrature's error is O(1/K)-like (the quantile nodes miss the tails):
+    against Monte-Carlo frequencies, ~7e-3 at K = 64 and ~1.4e-3 at K = 1024 for six entries of spread ~3. noise="gumbel": the closed form, exactly softmax(x) (num_quantiles unused).
     x: any shape and strides; -inf entries get 0; an all -inf row gives zeros."""
     op = "perturb_max_softmax"
     x = _tensor(x, op, "x")

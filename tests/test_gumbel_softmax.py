@@ -143,7 +143,7 @@ def test_hard_is_an_exact_one_hot_with_the_soft_gradient(backend, device):
 @pytest.mark.parametrize(**RUNNABLE)
 def test_masked_entries_are_never_chosen(backend, device):
     x, _ = _case("masked", torch.float32, device)
-    xs = x.repeat(40, 1)
+    xs = x.repeat(8 if (backend == "triton" and INTERPRETING) else 40, 1)
     idx = kxops.gumbel_max(xs, generator=_gen(device, 8), backend=backend)
     dead = torch.isinf(xs).all(-1)
     assert (idx[dead] == -1).all()
@@ -219,11 +219,15 @@ def _chi2_critical_0001(df):
 @pytest.mark.parametrize(**RUNNABLE)
 def test_gumbel_max_frequencies_follow_softmax(backend, device):
     """Chi-square goodness of fit of many samples (one call, a fixed seed) to softmax(logits), at the 0.1% level."""
-    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, NINF, 0.5, -3.0])
-    n = 3000 if (backend == "triton" and INTERPRETING) else 40000
-    idx = kxops.gumbel_max(logits.to(device).expand(n, 7).contiguous(), generator=_gen(device, 2024),
+    # the interpreter runs a program per row at milliseconds each: fewer draws there, over logits whose smallest
+    # probability still expects >= 10 counts (the chi-square approximation's condition)
+    slow = backend == "triton" and INTERPRETING
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, NINF, 0.5] + ([] if slow else [-3.0]))
+    n = 500 if slow else 40000
+    C = logits.numel()
+    idx = kxops.gumbel_max(logits.to(device).expand(n, C).contiguous(), generator=_gen(device, 2024),
                            backend=backend).cpu()
-    counts = torch.bincount(idx, minlength=7).double()
+    counts = torch.bincount(idx, minlength=C).double()
     expected = torch.softmax(logits.double(), 0) * n
     assert counts[4] == 0
     keep = expected > 0
@@ -235,7 +239,7 @@ def test_gumbel_max_frequencies_follow_softmax(backend, device):
 def test_soft_means_match_torch_gumbel_softmax(backend, device):
     """E[y] of our soft samples and of torch.nn.functional.gumbel_softmax's agree (within 5 standard errors)."""
     logits = torch.tensor([0.3, -1.0, 1.2, 0.0, -0.4])
-    n = 2000 if (backend == "triton" and INTERPRETING) else 20000
+    n = 500 if (backend == "triton" and INTERPRETING) else 20000
     xs = logits.to(device).expand(n, 5).contiguous()
     ours = kxops.gumbel_softmax(xs, 0.6, generator=_gen(device, 31), backend=backend).double().cpu()
     torch.manual_seed(31)
@@ -254,6 +258,9 @@ PM_CASES = ["R3-N1", "R4-N3", "R5-N37", "B2-N23-H3-dim1", "strided-dim2", "maske
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize(**RUNNABLE)
 def test_perturb_max_and_gradient_match_reference(backend, device, dtype, case, K):
+    if backend == "triton" and INTERPRETING and K > 2 and not (dtype == torch.float32 and case == "masked"):
+        pytest.skip("interpreter time: K = 16 runs on the masked fp32 case here (and K = 2, 5, 16 in "
+                    "test_gumbel_softmax_triton_kernels.py); every case on a GPU")
     x, dim = _case(case, dtype, device)
     dp = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(device)
 
@@ -284,14 +291,17 @@ def test_perturb_max_properties():
     p = kxops.perturb_max_softmax(x, num_quantiles=64)
     assert (p >= 0).all() and abs(p.sum().item() - 1) < 1e-12
     order = x[0].argsort()
-    assert (p[0, order].diff() >= 0).all() and p[0, 2] == p[0, 4]
+    assert (p[0, order].diff() >= -1e-15).all() and abs(p[0, 2] - p[0, 4]) < 1e-15
     torch.testing.assert_close(kxops.perturb_max_softmax(x + 3.7, num_quantiles=64), p, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(kxops.perturb_max_softmax(torch.zeros(1, 2), num_quantiles=5), torch.full((1, 2), 0.5))
     g = torch.Generator().manual_seed(0)
     n = 400000
     eps = torch.randn(n, 6, generator=g, dtype=torch.float64)
     freq = torch.bincount((x + eps).argmax(-1), minlength=6).double() / n
-    assert (freq - p[0]).abs().max() < 0.006, (freq, p)
+    # the quadrature's own error (mid-point quantiles miss the tails) shrinks with K down to the Monte-Carlo
+    # noise (standard error ~8e-4 here): 7.4e-3 at K = 64, 1.4e-3 at K = 1024
+    errs = [(freq - kxops.perturb_max_softmax(x, num_quantiles=K)[0]).abs().max().item() for K in (16, 64, 1024)]
+    assert errs[0] > errs[1] > errs[2] and errs[1] < 0.01 and errs[2] < 0.0025, errs
 
 
 def test_perturb_max_quadrature_converges_to_the_integral():
