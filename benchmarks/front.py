@@ -11,6 +11,7 @@ smallest call sits side by side, on CPU and, where there is one, on a GPU, in un
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -21,7 +22,7 @@ from .rope import setup_torch_mul
 CALLS = (("rope", "rope"), ("linear_attention_step", "linear_attention_step"),
          ("global_pointer_loss", "global_pointer_loss"),
          ("multilabel_categorical_crossentropy", "multilabel_categorical_crossentropy"),
-         ("sparsemax", "sparsemax"))
+         ("sparsemax", "sparsemax"), ("gumbel_softmax", "gumbel_softmax"))
 
 
 def _case(device, name) -> Case:
@@ -46,7 +47,7 @@ def make_inputs(case: Case, seed: int) -> Inputs:
         t = dict(q=r(1, 2, 8), k=r(1, 2, 8), v=r(1, 2, 8), S=r(1, 2, 8, 8), z=r(1, 2, 8).abs() + 1)
     elif call == "global_pointer_loss":
         t = dict(q=r(1, 4, 2, 8), k=r(1, 4, 2, 8), spans=torch.tensor([[0, 1, 0, 2]], device=case.device))
-    elif call == "sparsemax":
+    elif call in ("sparsemax", "gumbel_softmax"):
         t = dict(q=r(2, 8))
     else:
         t = dict(q=r(2, 8), targets=(r(2, 8) > 0).float())
@@ -63,6 +64,9 @@ def _run(fns, case, inputs):
         return lambda: fns.global_pointer_loss(t.q, t.k, t.spans)
     if call == "sparsemax":
         return lambda: fns.sparsemax(t.q)
+    if call == "gumbel_softmax":  # with the seed draw; a fresh generator per call keeps the noise checkable
+        dev = t.q.device
+        return lambda: fns.gumbel_softmax(t.q, generator=torch.Generator(device=dev).manual_seed(0))
     return lambda: fns.multilabel_categorical_crossentropy(t.q, t.targets)
 
 
@@ -76,6 +80,8 @@ class _Reference:
             return import_module("kxops.reference.global_pointer").multilabel_categorical_crossentropy
         if name == "sparsemax":
             return import_module("kxops.reference.sparse_softmax").sparsemax
+        if name == "gumbel_softmax":  # the reference backend behind the public function (it draws the seed)
+            return functools.partial(import_module("kxops").gumbel_softmax, backend="reference")
         return getattr(import_module("kxops.reference"), name)
 
 
