@@ -29,8 +29,11 @@
 // double-rounding ties (none among the 2^23 uniforms). The float64 path uses std::log / std::exp (scalar,
 // correctly rounded in practice; fp64 is not the fast path).
 //
-// Perturb-max is float64 throughout, O(K N^2) per row with std::erfc (the contract's log Phi table),
-// scalar: the branches of the table and erfc do not vectorise.
+// Perturb-max is float64 throughout, O(K N^2) per row: log Phi and its derivative by the contract's table
+// written branch-free (Cephes' erf / erfc rationals, log_pos, exp_hl) and vectorised over the nodes k;
+// L within ~1.5e-15 relative of log Phi for -37.5 < d <= 38 (normal results), r within ~1.5e-15. The
+// backward evaluates L and r in one pass (rows up to kFusedMax finite entries). Rows among threads, or, for
+// fewer than 2 rows per thread, each row's i among threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -355,23 +358,269 @@ KX_CLONES(bwd_rows, BwdArgs)
 #undef KX_CLONES
 
 // ---- ops 4 / 5: perturb-max (float64) ---------------------------------------------------------------
+//
+// L(d) = log Phi(d) and r(d) = phi(d) / Phi(d) (the contract's table) written to vectorise under `#pragma
+// omp simd` over the nodes k: every branch is computed and selected, erf / erfc(t) exp(t^2) from Cephes'
+// ndtr.c rational approximations (one division for the three), log by log_pos, exp by exp_hl (below). The
+// forward needs L only, the backward's second pass r only (no log there), so L and r are two functions
+// sharing the rational part.
 
-constexpr double kSqrtHalf = 0.70710678118654752440, kHalfLog2Pi = 0.91893853320467274178;
+constexpr double kSqrtHalf = 0.70710678118654752440, kHalfLog2Pi = 0.91893853320467274178,
+                 kInvSqrt2Pi = 0.39894228040143267794, kSqrt2OverPi = 0.79788456080286535588;
 
-// L(d) = log Phi(d): the contract's table
-KX_INLINE double log_phi(double d) {
-  if (d > 38.0) return 0.0;  // Phi(38) == 1 in float64
-  if (d >= -1.0) return std::log1p(-0.5 * std::erfc(d * kSqrtHalf));
-  if (d > -37.5) return std::log(0.5 * std::erfc(-d * kSqrtHalf));
-  return -0.5 * d * d - std::log(-d) - kHalfLog2Pi;
+// exp(h + l) for h <= 0 (h < -746, -inf included: 0) and |l| < 2^-10: Cody-Waite reduction r = h + l - k ln2
+// (h - k ln2hi exact: h is a multiple of 2^-43 there), the degree-13 Taylor polynomial of exp r (truncation
+// < 1e-17 relative) and 2^k applied as 2^k1 2^k2 so that results in the subnormal range round once.
+// Branch-free selects (GCC keeps some ternaries as branches, which stops the vectoriser): m all ones or 0
+KX_INLINE uint64_t mask_of(bool c) { return uint64_t{0} - static_cast<uint64_t>(c); }
+KX_INLINE double sel(uint64_t m, double a, double b) {
+  return bit_cast<double>((bit_cast<uint64_t>(a) & m) | (bit_cast<uint64_t>(b) & ~m));
 }
 
-// r(d) = phi(d) / Phi(d) from L = L(d)
-KX_INLINE double r_of(double d, double L) {
-  if (d > 38.0) return 0.0;
-  if (d <= -37.5) return -d;
-  return std::exp(-0.5 * d * d - kHalfLog2Pi - L);
+KX_INLINE double exp_hl(double h, double l) {
+  constexpr double kLog2e = 1.4426950408889634074, kLn2Hi = 6.93147180369123816490e-01,
+                   kLn2Lo = 1.90821492927058770002e-10, kShift = 0x1.8p52;
+  const uint64_t low = mask_of(h < -746.0);
+  const double hc = sel(low, -746.0, h), lc = sel(low, 0.0, l);
+  const double kk = hc * kLog2e + kShift;  // k = round(h / ln2) in the low bits, in [-1077, 0]
+  const double k = kk - kShift;
+  const double r = (hc - k * kLn2Hi) + (lc - k * kLn2Lo);
+  const double p =
+      1.0 + r * (1.0 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (1.0 / 720 +
+      r * (1.0 / 5040 + r * (1.0 / 40320 + r * (1.0 / 362880 + r * (1.0 / 3628800 + r * (1.0 / 39916800 +
+      r * (1.0 / 479001600 + r * (1.0 / 6227020800.0)))))))))))));
+  const double kk1 = k * 0.5 + kShift;  // k1 = round(k / 2), k2 = k - k1: both in [-539, 0]
+  const uint64_t i1 = bit_cast<uint64_t>(kk1) - bit_cast<uint64_t>(kShift);
+  const uint64_t i2 = (bit_cast<uint64_t>(kk) - bit_cast<uint64_t>(kShift)) - i1;
+  return (p * bit_cast<double>((i1 + 1023) << 52)) * bit_cast<double>((i2 + 1023) << 52);
 }
+
+// The shared part of L(d) and r(d). a = |d| / sqrt 2; mid: a < 1, where ratio = erf(d / sqrt 2) (Cephes' erf:
+// t T(t^2) / U(t^2)); else ratio = erfc(a) exp(a^2) (Cephes' erfc: P(a) / Q(a) for a < 8, R(a) / S(a) beyond).
+// g = exp(-d^2 / 2), with d^2 split exactly into dh^2 (dh: d's top 26 bits) and the rest, so that g is
+// accurate to a few ulps up to d = 38 (the term -d^2/2 rounded would cost d^2/2 ulps).
+struct PhiParts {
+  double ratio, g;
+  uint64_t mid, neg;  // masks
+};
+
+KX_INLINE PhiParts phi_parts(double d) {
+  const double a = std::fabs(d) * kSqrtHalf;
+  const uint64_t mid = mask_of(a < 1.0);
+  // erf for a < 1
+  const double t = sel(mid, d * kSqrtHalf, 0.0), z = t * t;
+  const double tn = t * ((((9.60497373987051638749E0 * z + 9.00260197203842689217E1) * z + 2.23200534594684319226E3) * z +
+                          7.00332514112805075473E3) * z + 5.55923013010394962768E4);
+  const double td = ((((z + 3.35617141647503099647E1) * z + 5.21357949780152679795E2) * z + 4.59432382970980127987E3) * z +
+                     2.26290000613890934246E4) * z + 4.92673942608635921086E4;
+  // erfc(a) exp(a^2) for 1 <= a < 8, and a >= 8 (a clamped: the selects drop the unused ones)
+  const double u = std::min(std::max(a, 1.0), 64.0);
+  const double pn = ((((((((2.46196981473530512524E-10 * u + 5.64189564831068821977E-1) * u + 7.46321056442269912687E0) * u +
+                          4.86371970985681366614E1) * u + 1.96520832956077098242E2) * u + 5.26445194995477358631E2) * u +
+                       9.34528527171957607540E2) * u + 1.02755188689515710272E3) * u + 5.57535335369399327526E2);
+  const double pd = (((((((u + 1.32281951154744992508E1) * u + 8.67072140885989742329E1) * u + 3.54937778887819891062E2) * u +
+                         9.75708501743205489753E2) * u + 1.82390916687909736289E3) * u + 2.24633760818710981792E3) * u +
+                      1.65666309194161350182E3) * u + 5.57535340817727675546E2;
+  const double rn = ((((5.64189583547755073984E-1 * u + 1.27536670759978104416E0) * u + 5.01905042251180477414E0) * u +
+                      6.16021097993053585195E0) * u + 7.40974269950448939160E0) * u + 2.97886665372100240670E0;
+  const double rd = (((((u + 2.26052863220117276590E0) * u + 9.39603524938001434673E0) * u + 1.20489539808096656605E1) * u +
+                      1.70814450747565897222E1) * u + 9.60896809063285878198E0) * u + 3.36907645100081516050E0;
+  const uint64_t near = mask_of(a < 8.0);
+  const double num = sel(mid, tn, sel(near, pn, rn)), den = sel(mid, td, sel(near, pd, rd));
+  // g = exp(-d^2 / 2)
+  const double dh = bit_cast<double>(bit_cast<uint64_t>(d) & ~((uint64_t{1} << 27) - 1));
+  const double g = exp_hl(-0.5 * (dh * dh), -0.5 * ((d - dh) * (d + dh)));
+  return {num / den, g, mid, mask_of(d < 0.0)};
+}
+
+// L(d) = log Phi(d):
+//   d > 38: 0;  d <= -37.5: -d^2/2 - log(-d) - log(2 pi)/2
+//   |d| < sqrt 2: log((1 + erf(d / sqrt 2)) / 2)
+//   d <= -sqrt 2: log(ratio / 2) - d^2/2
+//   d >= sqrt 2: log1p(-c), c = g ratio / 2 = erfc(d / sqrt 2) / 2, as log(1 - c) + ((1 - (1 - c)) - c) (1 + c)
+//                (the correction of the rounded 1 - c, divided by 1 - c to its first order: under 2^-53 c)
+KX_INLINE double log_phi_v(double d) {
+  const PhiParts s = phi_parts(d);
+  const double c = 0.5 * s.g * s.ratio, um = 1.0 - c;
+  const uint64_t far = mask_of(d <= -37.5);
+  const double arg = sel(far, -d, sel(s.mid, 0.5 + 0.5 * s.ratio, sel(s.neg, 0.5 * s.ratio, um)));
+  const double lg = log_pos(arg), h = -0.5 * d * d;
+  const double L = sel(far, (h - lg) - kHalfLog2Pi, sel(s.mid, lg, sel(s.neg, lg + h, lg + ((1.0 - um) - c) * (1.0 + c))));
+  return sel(mask_of(d > 38.0), 0.0, L);
+}
+
+// r(d) = phi(d) / Phi(d) (the derivative of L): d > 38: 0;  d <= -37.5: -d;  d <= -sqrt 2: sqrt(2/pi) / ratio;
+// else g / sqrt(2 pi) / Phi, Phi = (1 + erf) / 2 for |d| < sqrt 2, 1 - c beyond
+KX_INLINE double r_phi_v(double d) {
+  const PhiParts s = phi_parts(d);
+  const uint64_t tail = ~s.mid & s.neg;
+  const double Phi = sel(s.mid, 0.5 + 0.5 * s.ratio, 1.0 - 0.5 * s.g * s.ratio);
+  const double r = sel(tail, kSqrt2OverPi, s.g * kInvSqrt2Pi) / sel(tail, s.ratio, Phi);
+  return sel(mask_of(d > 38.0), 0.0, sel(mask_of(d <= -37.5), -d, r));
+}
+
+// both, from one phi_parts
+KX_INLINE void log_phi_r_v(double d, double& Lo, double& ro) {
+  const PhiParts s = phi_parts(d);
+  const double c = 0.5 * s.g * s.ratio, um = 1.0 - c;
+  const uint64_t far = mask_of(d <= -37.5), top = mask_of(d > 38.0), tail = ~s.mid & s.neg;
+  const double Phi = sel(s.mid, 0.5 + 0.5 * s.ratio, sel(s.neg, 0.5 * s.ratio, um));
+  const double lg = log_pos(sel(far, -d, Phi)), h = -0.5 * d * d;
+  const double L = sel(far, (h - lg) - kHalfLog2Pi, sel(s.mid, lg, sel(s.neg, lg + h, lg + ((1.0 - um) - c) * (1.0 + c))));
+  const double r = sel(tail, kSqrt2OverPi, s.g * kInvSqrt2Pi) / sel(tail, s.ratio, Phi);
+  Lo = sel(top, 0.0, L);
+  ro = sel(top, 0.0, sel(far, -d, r));
+}
+
+// One row's compacted finite entries xs (nf of them), the nodes z (K; sorted: the loops over k stop where
+// x_i - x_j + z_k > 38, whose terms are 0), e (nf x K: exp(S), then W in the backward) and q (nf).
+struct PmRow {
+  const double* xs;
+  int64_t nf;
+  const double* z;
+  int64_t K;
+  bool sorted;
+  double* e;
+  double* q;
+};
+
+// the k with (x_i - x_j) + z_k <= 38 are [0, kend) when z is sorted (the rounded sum is monotone in z_k)
+KX_INLINE int64_t k_end(const PmRow& a, double dij) {
+  if (!a.sorted) return a.K;
+  return std::partition_point(a.z, a.z + a.K, [dij](double zk) { return dij + zk <= 38.0; }) - a.z;
+}
+
+// e_ik = exp(S_ik) and q_i for i in [i0, i1)
+KX_INLINE void pm_fwd_i(const PmRow& a, int64_t i0, int64_t i1) {
+  const int64_t nf = a.nf, K = a.K;
+  const double* __restrict z = a.z;
+  for (int64_t i = i0; i < i1; ++i) {
+    double* __restrict S = a.e + i * K;  // S_ik accumulated in place, then exponentiated
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) S[k] = 0.0;
+    for (int64_t j = 0; j < nf; ++j) {
+      if (j == i) continue;
+      const double dij = a.xs[i] - a.xs[j];
+      const int64_t kend = k_end(a, dij);
+#pragma omp simd
+      for (int64_t k = 0; k < kend; ++k) S[k] += log_phi_v(dij + z[k]);
+    }
+    double qi = 0;
+#pragma omp simd reduction(+ : qi)
+    for (int64_t k = 0; k < K; ++k) {
+      const double ek = exp_hl(S[k], 0.0);
+      S[k] = ek;
+      qi += ek;
+    }
+    a.q[i] = qi / static_cast<double>(K);
+  }
+}
+
+// the pairs (i, j), i in [i0, i1), with e holding W: t_ij = sum_k W_ik r(x_i - x_j + z_k) to dxf[i] (+) and
+// dxf[j] (-); the k where W_ik = 0 (e_ik underflowed, or h_i = 0) are skipped at both ends
+KX_INLINE void pm_bwd_i(const PmRow& a, int64_t i0, int64_t i1, double* dxf) {
+  const int64_t nf = a.nf, K = a.K;
+  const double* __restrict z = a.z;
+  for (int64_t i = i0; i < i1; ++i) {
+    const double* __restrict W = a.e + i * K;
+    int64_t kb = 0, ke = K;
+    while (kb < K && W[kb] == 0.0) ++kb;
+    if (kb == K) continue;
+    while (W[ke - 1] == 0.0) --ke;
+    double acc = 0;
+    for (int64_t j = 0; j < nf; ++j) {
+      if (j == i) continue;
+      const double dij = a.xs[i] - a.xs[j];
+      const int64_t kend = std::min(ke, k_end(a, dij));
+      double t = 0;
+#pragma omp simd reduction(+ : t)
+      for (int64_t k = kb; k < kend; ++k) t += W[k] * r_phi_v(dij + z[k]);
+      acc += t;
+      dxf[j] -= t;
+    }
+    dxf[i] += acc;
+  }
+}
+
+// The backward's fused pass, for i in [i0, i1): the forward's e_i and q_i, with r(x_i - x_j + z_k) kept in rb
+// (nf x K; the k >= kend_j not written, kend_j in ke) until e_i is known, then u_ij = sum_k e_ik r_ijk into
+// u (nf x nf): the pairs' terms of dx are t_ij = h_i u_ij / K, h_i known only once every q is
+KX_INLINE void pm_fused_i(const PmRow& a, int64_t i0, int64_t i1, double* rb, int64_t* ke, double* u) {
+  const int64_t nf = a.nf, K = a.K;
+  const double* __restrict z = a.z;
+  for (int64_t i = i0; i < i1; ++i) {
+    double* __restrict S = a.e + i * K;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) S[k] = 0.0;
+    for (int64_t j = 0; j < nf; ++j) {
+      if (j == i) continue;
+      const double dij = a.xs[i] - a.xs[j];
+      const int64_t kend = k_end(a, dij);
+      ke[j] = kend;
+      double* __restrict rj = rb + j * K;
+#pragma omp simd
+      for (int64_t k = 0; k < kend; ++k) {
+        double L, r;
+        log_phi_r_v(dij + z[k], L, r);
+        S[k] += L;
+        rj[k] = r;
+      }
+    }
+    double qi = 0;
+#pragma omp simd reduction(+ : qi)
+    for (int64_t k = 0; k < K; ++k) {
+      const double ek = exp_hl(S[k], 0.0);
+      S[k] = ek;
+      qi += ek;
+    }
+    a.q[i] = qi / static_cast<double>(K);
+    double* ui = u + i * nf;
+    ui[i] = 0.0;
+    for (int64_t j = 0; j < nf; ++j) {
+      if (j == i) continue;
+      const double* __restrict rj = rb + j * K;
+      double t = 0;
+#pragma omp simd reduction(+ : t)
+      for (int64_t k = 0; k < ke[j]; ++k) t += S[k] * rj[k];
+      ui[j] = t;
+    }
+  }
+}
+
+#ifdef KX_TARGET_AVX2
+void pm_fwd_i_default(const PmRow& a, int64_t b, int64_t e) { pm_fwd_i(a, b, e); }
+KX_TARGET_AVX2 void pm_fwd_i_avx2(const PmRow& a, int64_t b, int64_t e) { pm_fwd_i(a, b, e); }
+KX_TARGET_AVX512 void pm_fwd_i_avx512(const PmRow& a, int64_t b, int64_t e) { pm_fwd_i(a, b, e); }
+void pm_bwd_i_default(const PmRow& a, int64_t b, int64_t e, double* d) { pm_bwd_i(a, b, e, d); }
+KX_TARGET_AVX2 void pm_bwd_i_avx2(const PmRow& a, int64_t b, int64_t e, double* d) { pm_bwd_i(a, b, e, d); }
+KX_TARGET_AVX512 void pm_bwd_i_avx512(const PmRow& a, int64_t b, int64_t e, double* d) { pm_bwd_i(a, b, e, d); }
+auto pm_fwd_i_pick() {
+  const Isa isa = cpu_isa();
+  return isa == kAvx512 ? &pm_fwd_i_avx512 : isa == kAvx2 ? &pm_fwd_i_avx2 : &pm_fwd_i_default;
+}
+auto pm_bwd_i_pick() {
+  const Isa isa = cpu_isa();
+  return isa == kAvx512 ? &pm_bwd_i_avx512 : isa == kAvx2 ? &pm_bwd_i_avx2 : &pm_bwd_i_default;
+}
+void pm_fused_i_default(const PmRow& a, int64_t b, int64_t e, double* rb, int64_t* ke, double* u) { pm_fused_i(a, b, e, rb, ke, u); }
+KX_TARGET_AVX2 void pm_fused_i_avx2(const PmRow& a, int64_t b, int64_t e, double* rb, int64_t* ke, double* u) {
+  pm_fused_i(a, b, e, rb, ke, u);
+}
+KX_TARGET_AVX512 void pm_fused_i_avx512(const PmRow& a, int64_t b, int64_t e, double* rb, int64_t* ke, double* u) {
+  pm_fused_i(a, b, e, rb, ke, u);
+}
+auto pm_fused_i_pick() {
+  const Isa isa = cpu_isa();
+  return isa == kAvx512 ? &pm_fused_i_avx512 : isa == kAvx2 ? &pm_fused_i_avx2 : &pm_fused_i_default;
+}
+#else
+void pm_fused_i_default(const PmRow& a, int64_t b, int64_t e, double* rb, int64_t* ke, double* u) { pm_fused_i(a, b, e, rb, ke, u); }
+auto pm_fused_i_pick() { return &pm_fused_i_default; }
+void pm_fwd_i_default(const PmRow& a, int64_t b, int64_t e) { pm_fwd_i(a, b, e); }
+void pm_bwd_i_default(const PmRow& a, int64_t b, int64_t e, double* d) { pm_bwd_i(a, b, e, d); }
+auto pm_fwd_i_pick() { return &pm_fwd_i_default; }
+auto pm_bwd_i_pick() { return &pm_bwd_i_default; }
+#endif
 
 template <typename T>
 struct PmArgs {
@@ -380,94 +629,145 @@ struct PmArgs {
   const double* z;
   T* out;  // p or dx
   int64_t N, K;
+  bool sorted;
 };
 
-// The finite entries of row x (compacted into xs, their positions in pos), e_ik = exp(S_ik) for them
-// (nf x K, in e: the backward's workspace) and q_i = mean_k e_ik; returns Q = sum q. The pairs' differences
-// are formed as the reference forms them, (x_i - x_j) + z_k.
+// i per task when a row's i are split among threads: ~2^15 evaluations of L
+int64_t pm_i_grain(int64_t nf, int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(K * nf, 1)); }
+
+// Per-row scratch, and the forward of one row: the finite entries of row x (compacted into xs, their
+// positions in pos), e_ik = exp(S_ik) (nf x K: the backward's workspace) and q_i = mean_k e_ik; returns
+// Q = sum q (in i's order whatever the threads). par: the row's i split among threads (few rows). The
+// pairs' differences are formed as the reference forms them, (x_i - x_j) + z_k.
+struct PmScratch {
+  std::vector<double> xs, e, q, dxf, rb, u;
+  std::vector<int64_t> pos, ke;
+};
+
 template <typename T>
-double pm_row_forward(const PmArgs<T>& a, const T* x, std::vector<double>& xs, std::vector<int64_t>& pos,
-                      std::vector<double>& e, std::vector<double>& q) {
-  const int64_t N = a.N, K = a.K;
-  xs.clear(), pos.clear();
+int64_t pm_compact(const T* x, int64_t N, PmScratch& s) {
+  s.xs.clear(), s.pos.clear();
   for (int64_t i = 0; i < N; ++i) {
     const double xi = static_cast<double>(x[i]);
-    if (xi > -std::numeric_limits<double>::infinity()) xs.push_back(xi), pos.push_back(i);
+    if (xi > -std::numeric_limits<double>::infinity()) s.xs.push_back(xi), s.pos.push_back(i);
   }
-  const int64_t nf = static_cast<int64_t>(xs.size());
-  e.assign(nf * K, 0.0);
-  q.assign(nf, 0.0);
+  return static_cast<int64_t>(s.xs.size());
+}
+
+template <typename T>
+double pm_row_forward(const PmArgs<T>& a, const T* x, PmScratch& s, bool par) {
+  const int64_t K = a.K;
+  const int64_t nf = pm_compact(x, a.N, s);
+  s.e.resize(nf * K);
+  s.q.assign(nf, 0.0);
+  const PmRow row{s.xs.data(), nf, a.z, K, a.sorted, s.e.data(), s.q.data()};
+  const auto fn = pm_fwd_i_pick();
+  if (par) {
+    at::parallel_for(0, nf, pm_i_grain(nf, K), [&](int64_t b, int64_t e) { fn(row, b, e); });
+  } else {
+    fn(row, 0, nf);
+  }
   double Q = 0;
-  for (int64_t i = 0; i < nf; ++i) {
-    double* S = e.data() + i * K;  // S_ik accumulated in place, then exponentiated
-    for (int64_t j = 0; j < nf; ++j) {
-      if (j == i) continue;
-      const double dij = xs[i] - xs[j];
-      for (int64_t k = 0; k < K; ++k) S[k] += log_phi(dij + a.z[k]);
-    }
-    double qi = 0;
-    for (int64_t k = 0; k < K; ++k) qi += (S[k] = std::exp(S[k]));
-    q[i] = qi / static_cast<double>(K);
-    Q += q[i];
-  }
+  for (int64_t i = 0; i < nf; ++i) Q += s.q[i];
   return Q;
 }
 
 template <typename T>
-void pm_fwd_rows(const PmArgs<T>& a, int64_t begin, int64_t end) {
+void pm_fwd_rows(const PmArgs<T>& a, int64_t begin, int64_t end, bool par) {
   const int64_t N = a.N;
-  std::vector<double> xs, e, q;
-  std::vector<int64_t> pos;
+  PmScratch s;
   for (int64_t r = begin; r < end; ++r) {
     T* p = a.out + r * N;
-    const double Q = pm_row_forward(a, a.x + r * N, xs, pos, e, q);
+    const double Q = pm_row_forward(a, a.x + r * N, s, par);
     std::fill(p, p + N, T(0));
     if (!(Q > 0)) continue;  // no finite entry (or every q underflowed): p = 0, as the reference
-    for (size_t i = 0; i < pos.size(); ++i) p[pos[i]] = static_cast<T>(q[i] / Q);
+    for (size_t i = 0; i < s.pos.size(); ++i) p[s.pos[i]] = static_cast<T>(s.q[i] / Q);
   }
 }
 
-// dx_m = sum_k W_mk T_mk - sum_{i != m} sum_k W_ik r(x_i - x_m + z_k), W_ik = h_i e_ik / K: one more pass
-// over the pairs (i, j), r(x_i - x_j + z_k) being both a term of T_ik (to dx_i) and of the second sum of
-// dx_j (so it is evaluated once per pair and node)
+// dx_m = sum_k W_mk T_mk - sum_{i != m} sum_k W_ik r(x_i - x_m + z_k), W_ik = h_i e_ik / K.
+// Fused (nf <= kFusedMax): one pass over the pairs evaluating L and r together (pm_fused_i), u_ij =
+// sum_k e_ik r_ijk kept (nf x nf), then dx_m = (h_m sum_j u_mj - sum_i h_i u_im) / K.
+// Else two passes: the forward, then the pairs (i, j) again for r only, r(x_i - x_j + z_k) being both a
+// term of T_ik (to dx_i) and of the second sum of dx_j (so it is evaluated once per pair and node).
+// par: the i split among threads (each with its own r rows, or dx row summed in thread order).
+constexpr int64_t kFusedMax = 2048;  // u: 32 MB
+
 template <typename T>
-void pm_bwd_rows(const PmArgs<T>& a, int64_t begin, int64_t end) {
+void pm_bwd_rows(const PmArgs<T>& a, int64_t begin, int64_t end, bool par) {
   const int64_t N = a.N, K = a.K;
-  std::vector<double> xs, e, q, dxf;
-  std::vector<int64_t> pos;
+  PmScratch s;
+  const int64_t nthreads = par ? at::get_num_threads() : 1;
   for (int64_t r = begin; r < end; ++r) {
     T* dx = a.out + r * N;
     const T* dp = a.dp + r * N;
-    const double Q = pm_row_forward(a, a.x + r * N, xs, pos, e, q);
+    const T* x = a.x + r * N;
     std::fill(dx, dx + N, T(0));
+    const int64_t nf0 = pm_compact(x, N, s);
+    double Q;
+    if (nf0 <= kFusedMax) {
+      const int64_t nf = nf0;
+      s.e.resize(nf * K);
+      s.q.assign(nf, 0.0);
+      s.u.resize(nf * nf);
+      s.rb.resize(nthreads * nf * K);
+      s.ke.resize(nthreads * nf);
+      const PmRow row{s.xs.data(), nf, a.z, K, a.sorted, s.e.data(), s.q.data()};
+      const auto fn = pm_fused_i_pick();
+      if (par) {
+        at::parallel_for(0, nf, pm_i_grain(nf, K), [&](int64_t b, int64_t e) {
+          const int64_t t = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
+          fn(row, b, e, s.rb.data() + t * nf * K, s.ke.data() + t * nf, s.u.data());
+        });
+      } else {
+        fn(row, 0, nf, s.rb.data(), s.ke.data(), s.u.data());
+      }
+      Q = 0;
+      for (int64_t i = 0; i < nf; ++i) Q += s.q[i];
+      if (!(Q > 0)) continue;
+      double sdp = 0;
+      for (int64_t i = 0; i < nf; ++i) sdp += static_cast<double>(dp[s.pos[i]]) * (s.q[i] / Q);
+      // dxf_m = (h_m sum_j u_mj - sum_i h_i u_im) / K, h_i = (dp_i - sdp) / Q
+      s.dxf.assign(2 * nf, 0.0);
+      double* h = s.dxf.data() + nf;
+      for (int64_t i = 0; i < nf; ++i) h[i] = (static_cast<double>(dp[s.pos[i]]) - sdp) / Q;
+      for (int64_t i = 0; i < nf; ++i) {
+        const double* ui = s.u.data() + i * nf;
+        const double hi = h[i];
+        double rs = 0;
+#pragma omp simd reduction(+ : rs)
+        for (int64_t m = 0; m < nf; ++m) rs += ui[m];
+        s.dxf[i] += hi * rs;
+        double* __restrict dxf = s.dxf.data();
+#pragma omp simd
+        for (int64_t m = 0; m < nf; ++m) dxf[m] -= hi * ui[m];
+      }
+      for (int64_t i = 0; i < nf; ++i) dx[s.pos[i]] = static_cast<T>(s.dxf[i] / static_cast<double>(K));
+      continue;
+    }
+    Q = pm_row_forward(a, x, s, par);
     if (!(Q > 0)) continue;
-    const int64_t nf = static_cast<int64_t>(xs.size());
+    const int64_t nf = static_cast<int64_t>(s.xs.size());
     double sdp = 0;
-    for (int64_t i = 0; i < nf; ++i) sdp += static_cast<double>(dp[pos[i]]) * (q[i] / Q);
+    for (int64_t i = 0; i < nf; ++i) sdp += static_cast<double>(dp[s.pos[i]]) * (s.q[i] / Q);
     // e becomes W
     for (int64_t i = 0; i < nf; ++i) {
-      const double h = (static_cast<double>(dp[pos[i]]) - sdp) / Q / static_cast<double>(K);
-      for (int64_t k = 0; k < K; ++k) e[i * K + k] *= h;
+      const double h = (static_cast<double>(dp[s.pos[i]]) - sdp) / Q / static_cast<double>(K);
+      for (int64_t k = 0; k < K; ++k) s.e[i * K + k] *= h;
     }
-    dxf.assign(nf, 0.0);
-    for (int64_t i = 0; i < nf; ++i) {
-      const double* W = e.data() + i * K;
-      double acc = 0;
-      for (int64_t j = 0; j < nf; ++j) {
-        if (j == i) continue;
-        const double dij = xs[i] - xs[j];
-        double t = 0;  // sum_k W_ik r(x_i - x_j + z_k)
-        for (int64_t k = 0; k < K; ++k) {
-          if (W[k] == 0.0) continue;  // e_ik underflowed (or h_i = 0): no contribution
-          const double d = dij + a.z[k];
-          t += W[k] * r_of(d, log_phi(d));
-        }
-        acc += t;
-        dxf[j] -= t;
-      }
-      dxf[i] += acc;
+    const PmRow row{s.xs.data(), nf, a.z, K, a.sorted, s.e.data(), s.q.data()};
+    const auto fn = pm_bwd_i_pick();
+    s.dxf.assign(nthreads * nf, 0.0);
+    if (par) {
+      at::parallel_for(0, nf, pm_i_grain(nf, K), [&](int64_t b, int64_t e) {
+        fn(row, b, e, s.dxf.data() + std::min<int64_t>(at::get_thread_num(), nthreads - 1) * nf);
+      });
+      for (int64_t t = 1; t < nthreads; ++t)
+        for (int64_t i = 0; i < nf; ++i) s.dxf[i] += s.dxf[t * nf + i];
+    } else {
+      fn(row, 0, nf, s.dxf.data());
     }
-    for (int64_t i = 0; i < nf; ++i) dx[pos[i]] = static_cast<T>(dxf[i]);
+    for (int64_t i = 0; i < nf; ++i) dx[s.pos[i]] = static_cast<T>(s.dxf[i]);
   }
 }
 
@@ -558,8 +858,24 @@ void check_nodes(const char* op, const Tensor& nodes) {
               op, ": nodes must be a contiguous float64 (K,) CPU tensor");
 }
 
-// rows per task: the work is K N^2 erfc per row
+// rows per task: the work is K N^2 evaluations of L per row
 int64_t pm_grain(int64_t N, int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K * N * N, 1)); }
+
+// Rows among threads when there are enough of them, else each row's i among threads (one long row uses
+// every core). Whether nodes are sorted (they are as the front builds them) decides if loops stop at d > 38.
+template <typename F>
+void pm_launch(int64_t R, int64_t N, int64_t K, F&& rows) {
+  if (R >= 2 * at::get_num_threads()) {
+    at::parallel_for(0, R, pm_grain(N, K), [&](int64_t b, int64_t e) { rows(b, e, false); });
+  } else {
+    rows(0, R, true);
+  }
+}
+
+bool pm_sorted(const Tensor& nodes) {
+  const double* z = nodes.const_data_ptr<double>();
+  return std::is_sorted(z, z + nodes.numel());
+}
 
 Tensor perturb_max_cpu(const Tensor& x, const Tensor& nodes) {
   const char* op = "kxops::perturb_max (cpu)";
@@ -570,8 +886,8 @@ Tensor perturb_max_cpu(const Tensor& x, const Tensor& nodes) {
   if (R == 0 || N == 0) return p;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kxops_perturb_max_cpu", [&] {
     PmArgs<scalar_t> a{x.const_data_ptr<scalar_t>(), nullptr, nodes.const_data_ptr<double>(), p.data_ptr<scalar_t>(),
-                       N, K};
-    at::parallel_for(0, R, pm_grain(N, K), [&](int64_t b, int64_t e) { pm_fwd_rows(a, b, e); });
+                       N, K, pm_sorted(nodes)};
+    pm_launch(R, N, K, [&](int64_t b, int64_t e, bool par) { pm_fwd_rows(a, b, e, par); });
   });
   return p;
 }
@@ -587,8 +903,8 @@ Tensor perturb_max_backward_cpu(const Tensor& dp_in, const Tensor& x, const Tens
   if (R == 0 || N == 0) return dx;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "kxops_perturb_max_backward_cpu", [&] {
     PmArgs<scalar_t> a{x.const_data_ptr<scalar_t>(), dp.const_data_ptr<scalar_t>(), nodes.const_data_ptr<double>(),
-                       dx.data_ptr<scalar_t>(), N, K};
-    at::parallel_for(0, R, pm_grain(N, K), [&](int64_t b, int64_t e) { pm_bwd_rows(a, b, e); });
+                       dx.data_ptr<scalar_t>(), N, K, pm_sorted(nodes)};
+    pm_launch(R, N, K, [&](int64_t b, int64_t e, bool par) { pm_bwd_rows(a, b, e, par); });
   });
   return dx;
 }
