@@ -4,6 +4,7 @@
 #pragma once
 #include <ATen/Version.h>
 
+#include <cstdint>
 #include <string>
 
 
@@ -31,3 +32,28 @@ inline Isa cpu_isa() {
 }
 
 }  // namespace kxops::cpu
+
+// A row function `NAME(const ARGS<T, St>&, int64_t begin, int64_t end)` compiled once per capability
+// (NAME##_default, NAME##_avx2, NAME##_avx512) and NAME##_pick<T, St>(): the copy for cpu_isa().
+#ifdef KX_TARGET_AVX2
+#define KX_CLONES(NAME, ARGS)                                                                             \
+  template <typename T, typename St>                                                                      \
+  void NAME##_default(const ARGS<T, St>& a, int64_t b, int64_t e) { NAME(a, b, e); }                      \
+  template <typename T, typename St>                                                                      \
+  KX_TARGET_AVX2 void NAME##_avx2(const ARGS<T, St>& a, int64_t b, int64_t e) { NAME(a, b, e); }          \
+  template <typename T, typename St>                                                                      \
+  KX_TARGET_AVX512 void NAME##_avx512(const ARGS<T, St>& a, int64_t b, int64_t e) { NAME(a, b, e); }      \
+  template <typename T, typename St>                                                                      \
+  auto NAME##_pick() {                                                                                    \
+    const ::kxops::cpu::Isa isa = ::kxops::cpu::cpu_isa();                                                \
+    return isa == ::kxops::cpu::kAvx512 ? &NAME##_avx512<T, St>                                           \
+           : isa == ::kxops::cpu::kAvx2 ? &NAME##_avx2<T, St>                                             \
+                                        : &NAME##_default<T, St>;                                         \
+  }
+#else
+#define KX_CLONES(NAME, ARGS)                                                                             \
+  template <typename T, typename St>                                                                      \
+  void NAME##_default(const ARGS<T, St>& a, int64_t b, int64_t e) { NAME(a, b, e); }                      \
+  template <typename T, typename St>                                                                      \
+  auto NAME##_pick() { return &NAME##_default<T, St>; }
+#endif

@@ -567,32 +567,11 @@ KX_INLINE void bwd_rows(const BwdArgs<T, St>& a, int64_t begin, int64_t end) {
   }
 }
 
-// ---- ISA clones (cpu::Isa, cpu::cpu_isa: simd.h) ---------------------------------------------------------
+// ---- ISA clones (KX_CLONES: simd.h) ----------------------------------------------------------------
 
-#ifdef KX_TARGET_AVX2
-#define KX_CLONES(NAME, ARGS)                                                                             \
-  template <typename T, typename St>                                                                      \
-  void NAME##_default(const ARGS<T, St>& a, int64_t b, int64_t e) { NAME(a, b, e); }                      \
-  template <typename T, typename St>                                                                      \
-  KX_TARGET_AVX2 void NAME##_avx2(const ARGS<T, St>& a, int64_t b, int64_t e) { NAME(a, b, e); }          \
-  template <typename T, typename St>                                                                      \
-  KX_TARGET_AVX512 void NAME##_avx512(const ARGS<T, St>& a, int64_t b, int64_t e) { NAME(a, b, e); }      \
-  template <typename T, typename St>                                                                      \
-  auto NAME##_pick() {                                                                                    \
-    const Isa isa = cpu_isa();                                                                            \
-    return isa == kAvx512 ? &NAME##_avx512<T, St> : isa == kAvx2 ? &NAME##_avx2<T, St> : &NAME##_default<T, St>; \
-  }
-#else
-#define KX_CLONES(NAME, ARGS)                                                                             \
-  template <typename T, typename St>                                                                      \
-  void NAME##_default(const ARGS<T, St>& a, int64_t b, int64_t e) { NAME(a, b, e); }                      \
-  template <typename T, typename St>                                                                      \
-  auto NAME##_pick() { return &NAME##_default<T, St>; }
-#endif
 KX_CLONES(fwd_rows, FwdArgs)
 KX_CLONES(topk_rows, TopkArgs)
 KX_CLONES(bwd_rows, BwdArgs)
-#undef KX_CLONES
 
 // rows per task: about 64K entries, at least one row
 int64_t grain(int64_t N) { return std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(N, 1)); }
