@@ -541,15 +541,6 @@ __global__ void __launch_bounds__(kPmThreads) perturb_backward_kernel(const PmPa
 
 // ---- host ----
 
-int64_t env_threshold(const char* name, int64_t fallback) {
-  const char* s = std::getenv(name);
-  if (s == nullptr || *s == '\0') return fallback;
-  char* end = nullptr;
-  const long long v = std::strtoll(s, &end, 10);
-  TORCH_CHECK(end != s && *end == '\0' && v >= 0, name, " must be a non-negative integer, got '", s, "'");
-  return v;
-}
-
 bool aligned_to(const void* ptr, size_t a) { return reinterpret_cast<uintptr_t>(ptr) % a == 0; }
 
 void check_rows(const char* op, const at::Tensor& x, const char* name, bool allow_double = false) {
@@ -574,15 +565,6 @@ void check_seed(const char* op, const at::Tensor& seed, const at::Tensor& x) {
               seed.sizes(), " on ", seed.device());
 }
 
-template <typename Fn>
-void dispatch(const at::Tensor& x, Fn fn) {
-  switch (x.scalar_type()) {
-    case at::kHalf: fn(__half()); break;
-    case at::kBFloat16: fn(__nv_bfloat16()); break;
-    default: fn(float()); break;
-  }
-}
-
 template <typename K, typename P>
 void launch(K kernel, const P& p, int64_t tasks, int tasks_per_block, int threads) {
   const auto grid = static_cast<unsigned>(
@@ -598,12 +580,12 @@ int block_threads(int64_t G4, int q) {
 }
 
 int reg_quads(int q) {
-  return static_cast<int>(std::min<int64_t>(q, env_threshold("KXOPS_GUMBEL_SOFTMAX_REG_QUADS", q)));
+  return static_cast<int>(std::min<int64_t>(q, kx::env_threshold("KXOPS_GUMBEL_SOFTMAX_REG_QUADS", q)));
 }
 
 template <typename T>
 void launch_forward(GsParams<T>& p) {
-  if (p.N <= env_threshold("KXOPS_GUMBEL_SOFTMAX_SHORT_N", kShortN)) {
+  if (p.N <= kx::env_threshold("KXOPS_GUMBEL_SOFTMAX_SHORT_N", kShortN)) {
     p.nreg = reg_quads(kRegQuads);
     launch(gumbel_forward_kernel<T, true, kRegQuads>, p, p.R, kWarpRows, kShortThreads);
   } else {
@@ -629,7 +611,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gumbel_softmax_cuda(const at::Ten
     index.fill_(-1);
     return {y, soft, index};
   }
-  dispatch(x, [&](auto tag) {
+  kx::dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     GsParams<T> p;
     p.x = reinterpret_cast<const T*>(x.const_data_ptr());
@@ -658,7 +640,7 @@ at::Tensor gumbel_max_cuda(const at::Tensor& x, const at::Tensor& seed) {
   auto index = at::empty({R}, x.options().dtype(at::kLong));
   if (R == 0) return index;
   if (N == 0) return index.fill_(-1);
-  dispatch(x, [&](auto tag) {
+  kx::dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     GsParams<T> p;
     p.x = reinterpret_cast<const T*>(x.const_data_ptr());
@@ -682,7 +664,7 @@ at::Tensor gumbel_softmax_backward_cuda(const at::Tensor& dy, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(y.device());
   auto dx = at::empty_like(y);
   if (y.numel() == 0) return dx;
-  dispatch(y, [&](auto tag) {
+  kx::dispatch_float(y.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     GsBwdParams<T> b;
     b.dy = reinterpret_cast<const T*>(dy.const_data_ptr());
@@ -694,7 +676,7 @@ at::Tensor gumbel_softmax_backward_cuda(const at::Tensor& dy, const at::Tensor& 
     b.inv_tau = static_cast<float>(1.0 / tau);
     constexpr size_t A = sizeof(Quad<T>);
     b.vec = b.N % 4 == 0 && aligned_to(b.dy, A) && aligned_to(b.y, A) && aligned_to(b.dx, A);
-    if (b.N <= env_threshold("KXOPS_GUMBEL_SOFTMAX_SHORT_N", kShortN)) {
+    if (b.N <= kx::env_threshold("KXOPS_GUMBEL_SOFTMAX_SHORT_N", kShortN)) {
       b.nreg = reg_quads(kRegQuads);
       launch(gumbel_backward_kernel<T, true, kRegQuads>, b, b.R, kWarpRows, kShortThreads);
     } else {
@@ -745,7 +727,7 @@ at::Tensor perturb_max_backward_cuda(const at::Tensor& dp, const at::Tensor& x, 
   const auto dp64 = dp.to(at::kDouble).contiguous();
   const int64_t R = x.size(0), N = x.size(1), K = nodes.size(0);
   // rows in chunks whose e_ik workspace fits the limit (one row at least)
-  const int64_t limit = env_threshold("KXOPS_PERTURB_MAX_WORKSPACE_BYTES", kWorkspaceBytes);
+  const int64_t limit = kx::env_threshold("KXOPS_PERTURB_MAX_WORKSPACE_BYTES", kWorkspaceBytes);
   const int64_t rc = std::clamp<int64_t>(limit / (N * K * static_cast<int64_t>(sizeof(double))), 1, R);
   auto e = at::empty({rc, N, K}, x64.options());
   auto qah = at::empty({3, rc, N}, x64.options());

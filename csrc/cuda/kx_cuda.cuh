@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 #include <mma.h>  // nvcuda::wmma (emulation: the prelude's)
 #endif
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -19,6 +20,7 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 
 namespace kx {
 
@@ -121,6 +123,28 @@ __device__ __forceinline__ T block_reduce(T v, Op op, T* scratch) {
   for (int w = 1; w < nwarps; ++w) v = op(v, scratch[w]);
   __syncthreads();
   return v;
+}
+
+// ---- host helpers of the launchers ----
+
+// A launch threshold from the environment (tests force each kernel path at small sizes), else `fallback`.
+inline int64_t env_threshold(const char* name, int64_t fallback) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(s, &end, 10);
+  TORCH_CHECK(end != s && *end == '\0' && v >= 0, name, " must be a non-negative integer, got '", s, "'");
+  return v;
+}
+
+// fn(T()) with T the storage type of a float32 / float16 / bfloat16 tensor (anything else: float).
+template <typename Fn>
+void dispatch_float(c10::ScalarType t, Fn fn) {
+  switch (t) {
+    case c10::ScalarType::Half: fn(__half()); break;
+    case c10::ScalarType::BFloat16: fn(__nv_bfloat16()); break;
+    default: fn(float()); break;
+  }
 }
 
 }  // namespace kx

@@ -594,15 +594,6 @@ __global__ void __launch_bounds__(NT) entmax_backward_kernel(const BwdParams<T> 
 
 // ---- host ----
 
-int64_t env_threshold(const char* name, int64_t fallback) {
-  const char* s = std::getenv(name);
-  if (s == nullptr || *s == '\0') return fallback;
-  char* end = nullptr;
-  const long long v = std::strtoll(s, &end, 10);
-  TORCH_CHECK(end != s && *end == '\0' && v >= 0, name, " must be a non-negative integer, got '", s, "'");
-  return v;
-}
-
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 void check_rows(const char* op, const at::Tensor& x, const char* name) {
@@ -622,15 +613,6 @@ void check_row_vector(const char* op, const std::optional<at::Tensor>& t, const 
                   t->size(0) == x.size(0) && t->is_contiguous(),
               op, ": ", name, " must be a contiguous ", dt, " (", x.size(0), ",) tensor on x's device, got ",
               t->scalar_type(), " ", t->sizes());
-}
-
-template <typename Fn>
-void dispatch(const at::Tensor& x, Fn fn) {
-  switch (x.scalar_type()) {
-    case at::kHalf: fn(__half()); break;
-    case at::kBFloat16: fn(__nv_bfloat16()); break;
-    default: fn(float()); break;
-  }
 }
 
 template <typename K, typename P>
@@ -655,8 +637,8 @@ void launch_forward(FwdParams<T>& p, int device) {
   const int64_t cap = (p.N + V - 1) / V * V;
   const int64_t row_bytes = cap * static_cast<int64_t>(sizeof(T));
   const int64_t hist = TOPK ? kBins * static_cast<int64_t>(sizeof(int)) : 0;
-  const int64_t short_n = env_threshold("KXOPS_SPARSE_SOFTMAX_SHORT_N", kShortN);
-  const int64_t onchip = env_threshold("KXOPS_SPARSE_SOFTMAX_ONCHIP_BYTES", kOnchipBytes);
+  const int64_t short_n = kx::env_threshold("KXOPS_SPARSE_SOFTMAX_SHORT_N", kShortN);
+  const int64_t onchip = kx::env_threshold("KXOPS_SPARSE_SOFTMAX_ONCHIP_BYTES", kOnchipBytes);
   if (p.N <= short_n && kWarpRows * (hist + row_bytes) <= kShortSmem) {
     p.cap = cap;
     auto k = TOPK ? topk_forward_kernel<T, 32, kShortThreads, true> : entmax_forward_kernel<T, 32, kShortThreads, true>;
@@ -707,7 +689,7 @@ std::tuple<at::Tensor, at::Tensor> entmax_cuda(const at::Tensor& x, const std::o
   auto out = at::empty_like(x);
   auto loss = at::empty({target ? R : 0}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) return {out, loss};
-  dispatch(x, [&](auto tag) {
+  kx::dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     FwdParams<T> p = forward_params<T>(x, out, loss, target, ignore_index);
     p.kind = static_cast<int>(kind);
@@ -730,7 +712,7 @@ std::tuple<at::Tensor, at::Tensor> topk_softmax_cuda(const at::Tensor& x, int64_
   auto out = at::empty_like(x);
   auto loss = at::empty({target ? R : 0}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) return {out, loss};
-  dispatch(x, [&](auto tag) {
+  kx::dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     FwdParams<T> p = forward_params<T>(x, out, loss, target, ignore_index);
     p.k = k;
@@ -759,7 +741,7 @@ std::tuple<at::Tensor, at::Tensor> entmax_backward_cuda(const at::Tensor& dp, co
     if (alpha_grad) dalpha.zero_();
     return {dx, dalpha};
   }
-  dispatch(pr, [&](auto tag) {
+  kx::dispatch_float(pr.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     BwdParams<T> b;
     b.dp = reinterpret_cast<const T*>(dp.const_data_ptr());
@@ -771,7 +753,7 @@ std::tuple<at::Tensor, at::Tensor> entmax_backward_cuda(const at::Tensor& dp, co
     b.N = pr.size(1);
     b.kind = static_cast<int>(kind);
     b.vec = aligned16(b.dp) && aligned16(b.p) && aligned16(b.dx) && b.N % kVec<T> == 0;
-    if (b.N <= env_threshold("KXOPS_SPARSE_SOFTMAX_SHORT_N", kShortN)) {
+    if (b.N <= kx::env_threshold("KXOPS_SPARSE_SOFTMAX_SHORT_N", kShortN)) {
       launch(entmax_backward_kernel<T, 32, kShortThreads>, b, kWarpRows, kShortThreads, 0);
     } else {
       launch(entmax_backward_kernel<T, kBlockThreads, kBlockThreads>, b, 1, kBlockThreads, 0);
