@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import kxops
 from kxops.reference import gumbel_softmax as R
 from testing import (DTYPE_IDS, DTYPES, HAS_CUDA, INTERPRETING, assert_close_to_ref, assert_raises_with,
-                     backends_where, bad_input_params, called_ops, compiled, fake_cuda, grads, opcheck,
-                     stand_in_cuda_kernels)
+                     backends_where, bad_input_params, called_ops, compiled, fake_cuda, grads, masked_rows, opcheck,
+                     stand_in_cuda_kernels, strided_rows)
 
 _GS = importlib.import_module("kxops.gumbel_softmax")  # the module (kxops.gumbel_softmax is the function)
 TRITON_OK = _GS.TRITON_KERNELS
@@ -27,27 +27,13 @@ def _gen(device, seed):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _masked(g):
-    x = torch.randn(5, 33, generator=g) * 2
-    x[0, torch.randperm(33, generator=g)[:16]] = NINF  # half masked
-    x[1, 1:] = NINF                                     # all but one masked
-    x[2] = NINF                                         # all masked: y = 0, gradient 0, index -1
-    x[3, :32] = NINF                                    # all but the last
-    return x, -1
-
-
-def _strided(g):
-    base = torch.randn(6, 2, 10, generator=g) * 2
-    return base[..., ::2].transpose(0, 2), 2  # (5, 2, 6): rows of 6 along the transposed, sliced dim
-
-
 CASES = {
     "R3-N1": lambda g: (torch.randn(3, 1, generator=g), -1),
     "R4-N3": lambda g: (torch.randn(4, 3, generator=g) * 2, -1),
     "R5-N37": lambda g: (torch.randn(5, 37, generator=g) * 3, -1),
     "B2-N23-H3-dim1": lambda g: (torch.randn(2, 23, 3, generator=g) * 2, 1),
-    "strided-dim2": _strided,
-    "masked": _masked,
+    "strided-dim2": strided_rows,
+    "masked": masked_rows,
     "R2-N700": lambda g: (torch.randn(2, 700, generator=g) * 4, -1),
 }
 

@@ -8,9 +8,9 @@ import torch
 import kxops
 from kxops import sparse_softmax as _SSM
 from kxops.reference import sparse_softmax as R
-from testing import (DTYPE_IDS, HAS_CUDA, DTYPES, INTERPRETING, assert_close_to_ref, assert_raises_with,
-                     bad_input_params, backends_where, called_ops, compiled, fake_cuda, grads, opcheck,
-                     stand_in_cuda_kernels)
+from testing import (DTYPE_IDS, DTYPES, HAS_CUDA, INTERPRETING, assert_close_to_ref, assert_raises_with,
+                     backends_where, bad_input_params, called_ops, compiled, fake_cuda, grads, masked_rows, opcheck,
+                     stand_in_cuda_kernels, strided_rows)
 
 TRITON_OK = _SSM.TRITON_KERNELS
 RUNNABLE = backends_where(lambda b, d: b != "triton" or TRITON_OK)
@@ -22,28 +22,14 @@ def _ties(g):
     return torch.cat([r, r.flip(-1)], -1), -1
 
 
-def _masked(g):
-    x = torch.randn(5, 33, generator=g) * 2
-    x[0, torch.randperm(33, generator=g)[:16]] = float("-inf")  # half masked
-    x[1, 1:] = float("-inf")                                     # all but one masked
-    x[2] = float("-inf")                                         # all masked: p = 0, gradient 0
-    x[3, :32] = float("-inf")                                    # all but the last
-    return x, -1
-
-
-def _strided(g):
-    base = torch.randn(6, 2, 10, generator=g) * 2
-    return base[..., ::2].transpose(0, 2), 2  # (5, 2, 6): rows of 6 along the transposed, sliced dim
-
-
 CASES = {
     "R3-N1": lambda g: (torch.randn(3, 1, generator=g), -1),
     "R4-N2": lambda g: (torch.randn(4, 2, generator=g) * 2, -1),
     "R5-N37": lambda g: (torch.randn(5, 37, generator=g) * 3, -1),
     "B2-N23-H3-dim1": lambda g: (torch.randn(2, 23, 3, generator=g) * 2, 1),
-    "strided-dim2": _strided,
+    "strided-dim2": strided_rows,
     "ties": _ties,
-    "masked": _masked,
+    "masked": masked_rows,
     "R2-N700": lambda g: (torch.randn(2, 700, generator=g) * 4, -1),
 }
 

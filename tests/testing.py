@@ -91,6 +91,25 @@ def grads(fn, inputs, grad_outputs):
 
 
 # ---------------------------------------------------------------------------------------------
+# Rows for the softmax families (x, dim): masked entries and a strided, transposed view.
+
+def masked_rows(g):
+    """(5, 33) rows: half masked, all but one, all (-inf: zeros and zero gradients), all but the last."""
+    x = torch.randn(5, 33, generator=g) * 2
+    x[0, torch.randperm(33, generator=g)[:16]] = float("-inf")
+    x[1, 1:] = float("-inf")
+    x[2] = float("-inf")
+    x[3, :32] = float("-inf")
+    return x, -1
+
+
+def strided_rows(g):
+    """(5, 2, 6): rows of 6 along a transposed, sliced dim (2)."""
+    base = torch.randn(6, 2, 10, generator=g) * 2
+    return base[..., ::2].transpose(0, 2), 2
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input: each case is (id, call, exception type, message substring).
 
 def bad_input_params(cases) -> dict:
