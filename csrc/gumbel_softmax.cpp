@@ -128,6 +128,8 @@ struct GumbelSoftmaxFn : public torch::autograd::Function<GumbelSoftmaxFn> {
     ctx->saved_data["tau"] = tau;
     ctx->saved_data["hard"] = hard;
     ctx->mark_non_differentiable({index});
+    // an unused output's gradient stays undefined (not a zero tensor to add: a full extra pass when hard)
+    ctx->set_materialize_grads(false);
     return {y, soft, index};
   }
 

@@ -71,18 +71,22 @@ def implement_reference(name: str, fn: Callable) -> None:
     _LIB.impl(name.split("::")[1], fn, "CompositeImplicitAutograd")
 
 
-def register_triton_autograd(name: str, backward: Callable, skip: int = 0, with_outputs: bool = False) -> None:
+def register_triton_autograd(name: str, backward: Callable, skip: int = 0, with_outputs: bool = False,
+                             materialize_grads: bool = True) -> None:
     """Autograd of a Triton op (C++ ops carry theirs in C++, csrc/<family>.cpp): the inputs are saved (tensors
     through save_for_backward; the first `skip` not at all, for a backward that does not need them) and
     backward(inputs, *grads) returns the gradients of the leading inputs (the others get None). with_outputs:
     the op's outputs are saved too and backward(inputs, outputs, *grads) gets them (statistics the forward
-    computed for its backward, e.g. log-sum-exps)."""
+    computed for its backward, e.g. log-sum-exps). materialize_grads=False: the gradients of unused outputs
+    reach backward as None rather than as zero tensors (no pass over zeros)."""
     def setup_context(ctx, inputs, output):
         ctx.tensor_idx = [i for i, a in enumerate(inputs) if i >= skip and isinstance(a, torch.Tensor)]
         outs = tuple(output) if isinstance(output, (tuple, list)) else (output,)
         ctx.n_out = len(outs) if with_outputs else 0
         ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_idx), *(outs if with_outputs else ()))
         ctx.inputs = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+        if not materialize_grads:
+            ctx.set_materialize_grads(False)
 
     def _backward(ctx, *grads):
         inputs = list(ctx.inputs)

@@ -99,7 +99,7 @@ if TRITON_KERNELS:
 
     # x is never needed by the Gumbel-softmax backward (skip=1): the soft output carries everything
     _dispatch.register_triton_autograd("kxops::gumbel_softmax_triton", _gumbel_softmax_grads, skip=1,
-                                       with_outputs=True)
+                                       with_outputs=True, materialize_grads=False)
     _dispatch.register_triton_autograd("kxops::perturb_max_triton", _perturb_max_grads)
     _dispatch.register_eager_cuda({"kxops::gumbel_softmax_triton": _tgs.gumbel_softmax_forward,
                                    "kxops::gumbel_softmax_backward_triton": _tgs.gumbel_softmax_backward,
