@@ -177,6 +177,22 @@ def test_seeds_and_generators(backend, device):
     assert torch.equal(draw(), a)                                # ...and the default generator left alone
 
 
+def test_reference_philox_is_philox4x32_10():
+    """The reference's Philox against Random123's known-answer vectors (kat_vectors, philox4x32 10 rounds), and the
+    contract's uniforms: open interval, exact in float32."""
+    t = lambda v: torch.tensor([v])  # noqa: E731
+    M = 0xFFFFFFFF
+    kat = [(0, (0, 0, 0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+           ((M << 32) | M, (M, M, M, M), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+           ((0x299F31D0 << 32) | 0xA4093822, (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for key, ctr, want in kat:
+        got = tuple(int(w) for w in R.philox4x32_10(key, *(t(c) for c in ctr)))
+        assert got == want, [hex(w) for w in got]
+    u = R.uniforms(torch.tensor([-7]), 64, 1001)
+    assert u.min() >= 2.0 ** -24 and u.max() <= 1 - 2.0 ** -24 and torch.equal(u.float().double(), u)
+
+
 def test_backends_draw_identical_samples():
     """The same generator state gives the same Philox key, and every backend draws the same bits for it: the
     samples are equal across backends (CPU kernel, Triton, the reference's own Philox; CUDA and Triton on GPU
