@@ -13,6 +13,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
+#include "front_hooks.h"
+
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -87,9 +89,7 @@ inline bool traced(const at::Tensor& t) {
          c10::impl::TorchDispatchModeTLS::stack_len() > 0;
 }
 
-// Whether the current CUDA stream is capturing a graph: set by the CUDA build (csrc/cuda/front_cuda.cu),
-// null in a CPU-only build. While capturing, nothing may sync with or copy from the host.
-extern bool (*cuda_capturing)();
+// cuda_capturing (front_hooks.h): set by the CUDA build, null in a CPU-only build.
 
 inline bool capturing(const at::Tensor& t) {
   return t.is_cuda() && cuda_capturing != nullptr && cuda_capturing();

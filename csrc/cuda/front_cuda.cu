@@ -1,6 +1,7 @@
-// The CUDA build's part of the front layer (csrc/front.h): tells the fronts whether the current stream is
-// capturing a CUDA graph, so that they neither sync with nor copy from the host then.
-#include "../front.h"
+// The CUDA build's part of the front layer (csrc/front.h; the hook is declared in csrc/front_hooks.h, so
+// this file compiles without ATen): tells the fronts whether the current stream is capturing a CUDA graph,
+// so that they neither sync with nor copy from the host then.
+#include "../front_hooks.h"
 #include "kx_cuda.cuh"
 
 namespace kxops::front {

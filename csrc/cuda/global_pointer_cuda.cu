@@ -51,7 +51,11 @@
 // in row-major order. Being the same machine code, the passes agree with the logits bit for bit. The
 // logits' backward is the loss's backward kernel (LG = true) with ds read from dlogits on the valid spans.
 // The row losses: a warp (short rows) or a block (long rows) per row, online log-sum-exps (see there).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/sort.h>
 #include <torch/library.h>
 
 #include <algorithm>

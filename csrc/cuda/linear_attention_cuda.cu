@@ -33,7 +33,8 @@
 // leaves idle (make_layout). fp16 splits carry a power-of-two scale (the states outgrow fp16's range on
 // long sequences). float32: CUDA cores, double accumulators and a double state, as the fp32 rule leaves
 // no room for TF32 or for float sums in an order other than the reference's.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -11,7 +11,8 @@
 // - on the fast path (unit stride on D, 16-byte aligned rows) a slot is one 16-byte vector:
 //   interleaved, VEC/2 adjacent pairs; rotate-half, VEC coordinates of the first half and the VEC
 //   matching ones of the second half. Otherwise a slot is one pair, read through the D stride.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 

@@ -30,7 +30,9 @@
 // small sizes): KXOPS_SPARSE_SOFTMAX_SHORT_N (default kShortN: rows up to this many entries take the warp
 // path) and KXOPS_SPARSE_SOFTMAX_ONCHIP_BYTES (default kOnchipBytes: rows up to this many bytes are held in
 // shared memory on the block path; 0: always stream).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>

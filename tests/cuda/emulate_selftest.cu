@@ -1,7 +1,11 @@
 // Test-only kernels for tests/test_cuda_emulate.py: the CUDA features tools/cuda_emulate.py emulates,
 // each used the way a kernel family would use it, in ops of their own namespace (kxops_selftest, never
 // built into kxops; tools/check_cuda.py compiles this file with nvcc so that it stays real CUDA).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>

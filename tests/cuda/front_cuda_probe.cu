@@ -1,7 +1,7 @@
 // Test-only: csrc/cuda/front_cuda.cu (the CUDA build's graph-capture probe, installed into the fronts'
 // hook kxops::front::cuda_capturing at load) behind one op, for tests/test_front_cuda_emulated.py, which
 // runs it through tools/cuda_emulate.py. tools/check_cuda.py compiles this file with nvcc too.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <tuple>
