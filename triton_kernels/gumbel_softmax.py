@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _rows
 from .rope import round_to_bf16
 
 __all__ = ["gumbel_softmax_forward", "gumbel_softmax_backward", "gumbel_max_forward", "perturb_max_forward",
@@ -428,34 +429,13 @@ def perturb_max_bwd_kernel(
 # The interpreter (TRITON_INTERPRET=1, decided when @triton.jit runs) truncates fp32 -> bf16 casts.
 _INTERPRETED = not isinstance(gumbel_fwd_kernel, triton.runtime.jit.JITFunction)
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _pow2(n: int) -> int:
-    """Smallest power of two >= n (plain Python)."""
-    return 1 << (n - 1).bit_length() if n > 1 else 1
+_SUPPORTED = _rows.SUPPORTED
+_pow2 = _rows.pow2
+_check_x = _rows.check_x
 
 
 def _config(N, block_cap=None, cap_key="block_cap"):
-    """(ONCHIP, BLOCK, num_warps) for rows of N; a symbolic N (tracing) takes the chunked path, right for any N."""
-    cap = TUNING[cap_key] if block_cap is None else int(block_cap)
-    if cap < 16 or cap & (cap - 1):
-        raise ValueError(f"gumbel_softmax (triton): block_cap must be a power of two >= 16, got {cap}")
-    if isinstance(N, int) and _pow2(N) <= cap:
-        block = max(16, _pow2(N))
-        warps = next(w for b, w in TUNING["warps"] if b >= block)
-        return True, block, warps
-    return False, min(TUNING["chunk"], cap), TUNING["chunk_warps"]
-
-
-def _check_x(name, x):
-    if x.dtype not in _SUPPORTED:
-        raise ValueError(f"{name} (triton): unsupported dtype {x.dtype}; supported: float16, bfloat16, float32")
-    if x.dim() != 2:
-        raise ValueError(f"{name} (triton): x must be (R, N)")
-    if x.shape[1] < 1:
-        raise ValueError(f"{name} (triton): rows must have N >= 1 entries")
-    return x.contiguous()
+    return _rows.row_config("gumbel_softmax", N, TUNING, block_cap, cap_key)
 
 
 def _check_seed(name, seed, x):

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _rows
 from .rope import round_to_bf16
 
 __all__ = ["entmax_forward", "entmax_backward", "topk_softmax_forward", "TUNING", "MAX_PASSES"]
@@ -461,34 +462,11 @@ def entmax_bwd_kernel(
 # The interpreter (TRITON_INTERPRET=1, decided when @triton.jit runs) truncates fp32 -> bf16 casts.
 _INTERPRETED = not isinstance(entmax_fwd_kernel, triton.runtime.jit.JITFunction)
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _pow2(n: int) -> int:
-    """Smallest power of two >= n (plain Python)."""
-    return 1 << (n - 1).bit_length() if n > 1 else 1
+_check_x = _rows.check_x
 
 
 def _config(N, block_cap=None):
-    """(ONCHIP, BLOCK, num_warps) for rows of N; a symbolic N (tracing) takes the chunked path, right for any N."""
-    cap = TUNING["block_cap"] if block_cap is None else int(block_cap)
-    if cap < 16 or cap & (cap - 1):
-        raise ValueError(f"sparse_softmax (triton): block_cap must be a power of two >= 16, got {cap}")
-    if isinstance(N, int) and _pow2(N) <= cap:
-        block = max(16, _pow2(N))
-        warps = next(w for b, w in TUNING["warps"] if b >= block)
-        return True, block, warps
-    return False, min(TUNING["chunk"], cap), TUNING["chunk_warps"]
-
-
-def _check_x(name, x):
-    if x.dtype not in _SUPPORTED:
-        raise ValueError(f"{name} (triton): unsupported dtype {x.dtype}; supported: float16, bfloat16, float32")
-    if x.dim() != 2:
-        raise ValueError(f"{name} (triton): x must be (R, N)")
-    if x.shape[1] < 1:
-        raise ValueError(f"{name} (triton): rows must have N >= 1 entries")
-    return x.contiguous()
+    return _rows.row_config("sparse_softmax", N, TUNING, block_cap)
 
 
 def _check_target(name, target, R):
