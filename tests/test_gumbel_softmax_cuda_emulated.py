@@ -15,26 +15,19 @@ KXOPS_GUMBEL_SOFTMAX_REG_QUADS=0, on both) and "mixed" (one quad a thread in reg
 within each, the vector path (aligned, 4 | N) and the scalar one (odd N, x at an odd offset).
 On a GPU machine the real kernels are tested through the public API instead.
 """
-import importlib.util
 import os
 import sys
 
 import pytest
 import torch
 
-from testing import HAS_CUDA, assert_close_to_ref
+from testing import HAS_CUDA, assert_close_to_ref, reference_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import cuda_emulate  # noqa: E402
 
-try:
-    from kxops.reference import gumbel_softmax as ref
-except Exception:  # the package is being rebuilt: the reference file imports only torch
-    _spec = importlib.util.spec_from_file_location("gumbel_softmax_ref",
-                                                   os.path.join(ROOT, "pyext", "reference", "gumbel_softmax.py"))
-    ref = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(ref)
+ref = reference_module("gumbel_softmax")
 
 pytestmark = [
     pytest.mark.skipif(HAS_CUDA, reason="a GPU is visible: the real CUDA kernel is tested through kxops"),

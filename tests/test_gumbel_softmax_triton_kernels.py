@@ -17,18 +17,9 @@ import triton
 import triton.language as tl
 
 from kxops.triton_kernels import gumbel_softmax as tgs
-from testing import DTYPE_IDS, DTYPES, HAS_CUDA, assert_close_to_ref
+from testing import DTYPE_IDS, DTYPES, HAS_CUDA, assert_close_to_ref, reference_module
 
-try:
-    from kxops.reference import gumbel_softmax as ref
-except ImportError:  # the package is being rebuilt: load the reference file itself (it imports only torch)
-    import importlib.util
-    import pathlib
-
-    _spec = importlib.util.spec_from_file_location(
-        "gumbel_softmax_ref", pathlib.Path(__file__).parents[1] / "pyext" / "reference" / "gumbel_softmax.py")
-    ref = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(ref)
+ref = reference_module("gumbel_softmax")
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 NINF = float("-inf")

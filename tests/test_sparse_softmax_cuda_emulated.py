@@ -12,26 +12,19 @@ every pass from global memory: also KXOPS_SPARSE_SOFTMAX_ONCHIP_BYTES=0); within
 path (aligned x, N a multiple of 16 bytes' entries) and the scalar one (odd N, or x at an odd offset).
 On a GPU machine the real kernels are tested through the public API instead.
 """
-import importlib.util
 import os
 import sys
 
 import pytest
 import torch
 
-from testing import HAS_CUDA, assert_close_to_ref
+from testing import HAS_CUDA, assert_close_to_ref, reference_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import cuda_emulate  # noqa: E402
 
-try:
-    from kxops.reference import sparse_softmax as ref
-except Exception:  # the package is being rebuilt: the reference file imports only torch
-    _spec = importlib.util.spec_from_file_location("sparse_softmax_ref",
-                                                   os.path.join(ROOT, "pyext", "reference", "sparse_softmax.py"))
-    ref = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(ref)
+ref = reference_module("sparse_softmax")
 
 pytestmark = [
     pytest.mark.skipif(HAS_CUDA, reason="a GPU is visible: the real CUDA kernel is tested through kxops"),

@@ -14,18 +14,9 @@ import pytest
 import torch
 
 from kxops.triton_kernels import sparse_softmax as tss
-from testing import DTYPE_IDS, DTYPES, HAS_CUDA, assert_close_to_ref
+from testing import DTYPE_IDS, DTYPES, HAS_CUDA, assert_close_to_ref, reference_module
 
-try:
-    from kxops.reference import sparse_softmax as ref
-except ImportError:  # the package is being rebuilt: load the reference file itself (it imports only torch)
-    import importlib.util
-    import pathlib
-
-    _spec = importlib.util.spec_from_file_location(
-        "sparse_softmax_ref", pathlib.Path(__file__).parents[1] / "pyext" / "reference" / "sparse_softmax.py")
-    ref = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(ref)
+ref = reference_module("sparse_softmax")
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 IGNORE = -100

@@ -3,6 +3,9 @@ float64 reference, gradients, bad-input cases, opcheck, one compiled function pe
 a GPU on machines without one (fake CUDA tensors)."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -88,6 +91,19 @@ def grads(fn, inputs, grad_outputs):
     outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
     gs = torch.autograd.grad(outs, leaves, [g.to(o.dtype) for g, o in zip(grad_outputs, outs)])
     return (*outs, *gs)
+
+
+def reference_module(family: str):
+    """kxops.reference.<family>, or, while the package is being rebuilt (the extension not importable), the
+    reference file itself (pyext/reference/<family>.py imports only torch)."""
+    try:
+        return importlib.import_module(f"kxops.reference.{family}")
+    except Exception:  # noqa: BLE001
+        path = pathlib.Path(__file__).parents[1] / "pyext" / "reference" / f"{family}.py"
+        spec = importlib.util.spec_from_file_location(f"{family}_ref", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
 
 
 # ---------------------------------------------------------------------------------------------
